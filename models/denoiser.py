@@ -1,0 +1,77 @@
+"""The one parameterisation wrapper that losses and samplers call.
+
+``Cond`` is SDXL's conditioning (penultimate hidden states of both text
+encoders, the pooled projection of the second, six size/crop ids).
+``Denoiser`` wraps an ε-prediction UNet with the teacher's ``alphas_cumprod``
+and gives ε̂, CFG-guided ε̃ and x̂_0 for any (z_t, t, c).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.diffusion import cfg, x0_from_eps
+
+
+@dataclass(frozen=True)
+class Cond:
+    prompt_embeds: torch.Tensor  # (N, L, D)
+    pooled: torch.Tensor | None  # (N, P); None for SD1.5-style UNets without text_time
+    time_ids: torch.Tensor | None  # (N, 6)
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def unconditional(self) -> "Cond":
+        """SDXL's unconditional input (``force_zeros_for_empty_prompt``): zero embeddings."""
+        z = lambda x: None if x is None else torch.zeros_like(x)  # noqa: E731
+        return Cond(z(self.prompt_embeds), z(self.pooled), self.time_ids)
+
+    def masked(self, keep: torch.Tensor) -> "Cond":
+        """Rows with ``keep`` False become unconditional (caption dropout for CFG training)."""
+        k = keep.to(self.prompt_embeds.dtype)
+        m = lambda x: None if x is None else x * k.view(-1, *([1] * (x.ndim - 1)))  # noqa: E731
+        return Cond(m(self.prompt_embeds), m(self.pooled), self.time_ids)
+
+    def cat(self, other: "Cond") -> "Cond":
+        c = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+        return Cond(c(self.prompt_embeds, other.prompt_embeds), c(self.pooled, other.pooled), c(self.time_ids, other.time_ids))
+
+
+def encode_prompts(pipe, prompts: list[str], image_size: int) -> Cond:
+    """Encode like the diffusers pipeline does at inference (gradients flow if enabled)."""
+    if hasattr(pipe, "text_encoder_2"):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=pipe.unet.device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        ids = torch.tensor([[image_size, image_size, 0, 0, image_size, image_size]], dtype=embeds.dtype)
+        return Cond(embeds, pooled, ids.repeat(len(prompts), 1).to(embeds.device))
+    embeds, _ = pipe.encode_prompt(prompts, device=pipe.unet.device, num_images_per_prompt=1,
+                                   do_classifier_free_guidance=False)
+    return Cond(embeds, None, None)
+
+
+class Denoiser:
+    """ε-prediction UNet + ``alphas_cumprod``: ε̂_θ(z_t, t, c), CFG ε̃ and x̂_0."""
+
+    def __init__(self, unet, alphas_cumprod: torch.Tensor):
+        self.unet = unet
+        self.alphas_cumprod = alphas_cumprod
+
+    def eps(self, z: torch.Tensor, t: torch.Tensor, c: Cond) -> torch.Tensor:
+        t = torch.as_tensor(t, device=z.device).expand(z.shape[0])
+        added = None if c.pooled is None else {"text_embeds": c.pooled, "time_ids": c.time_ids}
+        return self.unet(z, t, encoder_hidden_states=c.prompt_embeds, added_cond_kwargs=added).sample
+
+    def eps_cfg(self, z: torch.Tensor, t: torch.Tensor, c: Cond, w: float) -> torch.Tensor:
+        """ε̃ = ε_u + w (ε_c − ε_u), one batched UNet call (w = 1: conditional only)."""
+        if w == 1.0:
+            return self.eps(z, t, c)
+        t = torch.as_tensor(t, device=z.device).expand(z.shape[0])
+        e = self.eps(torch.cat([z, z]), torch.cat([t, t]), c.unconditional().cat(c))
+        e_u, e_c = e.chunk(2)
+        return cfg(e_u, e_c, w)
+
+    def x0(self, z: torch.Tensor, t: torch.Tensor, c: Cond, w: float = 1.0) -> torch.Tensor:
+        return x0_from_eps(z, self.eps_cfg(z, t, c, w), torch.as_tensor(t, device=z.device).expand(z.shape[0]),
+                           self.alphas_cumprod)

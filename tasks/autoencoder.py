@@ -1,0 +1,63 @@
+"""Stage `autoencoder`: the teacher's VAE (an ``AutoencoderKL``), trained on shapes-world renders.
+
+Skipped (nothing to train) when ``teacher.source`` points at a real model.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from models.sdxl_shaped import build_vae
+from tlcm import world as W
+from tlcm.params import Params
+from tlcm.paths import Paths
+from tlcm.storage import Checkpointer, atomic_dir, atomic_write_json
+from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop
+
+log = logging.getLogger("tlcm")
+
+
+def run(params: Params, paths: Paths) -> dict:
+    p, wp = params.autoencoder, params.world
+    torch.manual_seed(p.seed)
+    vae = build_vae(p.block_out_channels, p.layers_per_block, p.latent_channels, wp.image_size)
+    opt = torch.optim.AdamW(vae.parameters(), lr=p.lr, weight_decay=0.0)
+
+    def step_fn(step: int) -> dict[str, float]:
+        for g in opt.param_groups:
+            g["lr"] = p.lr * cosine_warmup(step, 100, p.steps)
+        _, imgs = W.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size)
+        x = W.to_unit_tensor(imgs) * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        terms = {"mse": F.mse_loss(rec, x), "l1": F.l1_loss(rec, x), "kl": post.kl().mean() / x[0].numel()}
+        ensure_finite(terms, "autoencoder", step)
+        loss = terms["mse"] + terms["l1"] + p.kl_weight * terms["kl"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        return {k: v.item() for k, v in terms.items()}
+
+    ckpt = Checkpointer(paths.checkpoints("autoencoder"), fingerprint(p, wp))
+    res = run_loop("autoencoder", p.steps, step_fn, {"vae": vae, "opt": opt}, ckpt, p.checkpoint_every,
+                   max_minutes=p.max_minutes)
+
+    # SD's convention: scale latents to unit variance (SDXL uses 0.13025 for its VAE).
+    vae.eval()
+    with torch.no_grad():
+        _, imgs = W.train_batch(p.seed + 1, 0, 256, wp.two_object_frac, wp.image_size)
+        x = W.to_unit_tensor(imgs) * 2 - 1
+        z = vae.encode(x).latent_dist.mean
+        rec = vae.decode(z).sample.clamp(-1, 1)
+        psnr = (10 * torch.log10(4.0 / F.mse_loss(rec, x))).item()
+        scale = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=scale)
+    metrics = {"psnr_db": psnr, "scaling_factor": scale, "steps": res.steps_done, "train_seconds": res.seconds}
+    with atomic_dir(paths.autoencoder) as out:
+        vae.save_pretrained(out, safe_serialization=True)
+    atomic_write_json(paths.metrics / "autoencoder.json", metrics)
+    log.info("autoencoder: reconstruction PSNR %.2f dB, scaling_factor %.4f", psnr, scale)
+    return metrics

@@ -1,0 +1,28 @@
+"""The stages in pipeline order, and the single entry point that DVC and Prefect both call."""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+
+import torch
+
+from tlcm.params import Params
+from tlcm.paths import Paths
+
+log = logging.getLogger("tlcm")
+
+STAGES: tuple[str, ...] = ("world", "autoencoder", "evaluator", "teacher", "evaluate")
+
+
+def run_stage(name: str, params: Params, paths: Paths) -> dict:
+    """Run one stage (``tasks/<name>.py: run``) with a start and a wall-time log line."""
+    if name not in STAGES:
+        raise KeyError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
+    module = importlib.import_module(f"tasks.{name}")
+    log.info("stage %s: start (preset %s, artifacts %s)", name, params.preset, paths.root)
+    t0 = time.monotonic()
+    with torch.inference_mode(False):
+        result = module.run(params, paths)
+    log.info("stage %s: done in %.1fs", name, time.monotonic() - t0)
+    return result

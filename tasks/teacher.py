@@ -1,0 +1,113 @@
+"""Stage `teacher`: the small SDXL-shaped text-to-image teacher, saved as a diffusers folder.
+
+Trains two CLIP text encoders and a ``text_time`` UNet (ε-prediction, SDXL's
+noise schedule) on shapes-world renders encoded by the `autoencoder` stage,
+with caption dropout so that CFG works (dropped captions get SDXL's
+zero embeddings, as ``force_zeros_for_empty_prompt`` does at inference).
+An EMA of the weights is what gets saved.
+
+With ``teacher.source`` set to a hub id or folder, nothing is trained: the
+stage checks that the teacher loads and records what it is.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+from diffusers.training_utils import EMAModel
+from transformers import CLIPTokenizer
+
+from models.denoiser import Denoiser, encode_prompts
+from models.diffusion import q_sample
+from models.sdxl_shaped import build_scheduler, build_text_encoders, build_unet
+from tlcm import world as W
+from tlcm.params import Params
+from tlcm.paths import Paths
+from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json
+from tlcm.teacher_io import load_teacher
+from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
+
+log = logging.getLogger("tlcm")
+
+
+def _load_autoencoder(paths: Paths) -> AutoencoderKL:
+    if not (paths.autoencoder / "config.json").is_file():
+        raise ArtifactError(f"autoencoder not found in {paths.autoencoder}; run `tlcm stage autoencoder` first")
+    return AutoencoderKL.from_pretrained(paths.autoencoder, use_safetensors=True).requires_grad_(False).eval()
+
+
+def build_pipeline(params: Params, paths: Paths) -> StableDiffusionXLPipeline:
+    """A freshly initialised shapes-world SDXL pipeline (trained VAE, new text encoders and UNet)."""
+    p = params.teacher
+    if not (paths.tokenizer / "vocab.json").is_file():
+        raise ArtifactError(f"tokenizer not found in {paths.tokenizer}; run `tlcm stage world` first")
+    tok = CLIPTokenizer.from_pretrained(paths.tokenizer)
+    vae = _load_autoencoder(paths)
+    torch.manual_seed(p.seed)
+    te1, te2 = build_text_encoders(len(tok), p.text.hidden_size, p.text.num_hidden_layers, p.text.num_attention_heads,
+                                   p.text.projection_dim, p.text.max_length, tok.bos_token_id, tok.eos_token_id)
+    unet = build_unet(p.unet.block_out_channels, p.unet.layers_per_block, p.unet.attention_head_dim,
+                      2 * p.text.hidden_size, p.text.projection_dim, p.unet.addition_time_embed_dim,
+                      vae.config.latent_channels, params.world.image_size // 2 ** (len(vae.config.block_out_channels) - 1))
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=build_scheduler(), force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False)
+
+
+def run(params: Params, paths: Paths) -> dict:
+    p, wp = params.teacher, params.world
+    if p.source != "train":
+        pipe = load_teacher(p.source)
+        info = {"source": p.source, "class": type(pipe).__name__,
+                "unet_params_millions": sum(x.numel() for x in pipe.unet.parameters()) / 1e6}
+        atomic_write_json(paths.metrics / "teacher.json", info)
+        return info
+
+    pipe = build_pipeline(params, paths)
+    unet, te1, te2, vae = pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae
+    trainable = [*unet.parameters(), *te1.parameters(), *te2.parameters()]
+    for m in (unet, te1, te2):
+        m.train()
+    opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.01)
+    ema = EMAModel(trainable, decay=p.ema_decay)
+    model = Denoiser(unet, pipe.scheduler.alphas_cumprod)
+    sf = vae.config.scaling_factor
+
+    def step_fn(step: int) -> dict[str, float]:
+        for g in opt.param_groups:
+            g["lr"] = p.lr * cosine_warmup(step, p.warmup_steps, p.steps)
+        gen = step_generator(p.seed, step)
+        specs, imgs = W.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size)
+        with torch.no_grad():
+            z0 = vae.encode(W.to_unit_tensor(imgs) * 2 - 1).latent_dist.mean * sf
+        keep = torch.rand(len(specs), generator=gen) >= p.cond_drop
+        cond = encode_prompts(pipe, [s.caption() for s in specs], wp.image_size).masked(keep)
+        t = torch.randint(0, 1000, (len(specs),), generator=gen)
+        eps = torch.randn(z0.shape, generator=gen)
+        pred = model.eps(q_sample(z0, eps, t, model.alphas_cumprod), t, cond)
+        terms = {"eps_mse": F.mse_loss(pred, eps)}
+        ensure_finite(terms, "teacher", step)
+        opt.zero_grad(set_to_none=True)
+        terms["eps_mse"].backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        ema.step(trainable)
+        return {k: v.item() for k, v in terms.items()}
+
+    ckpt = Checkpointer(paths.checkpoints("teacher"), fingerprint(p, wp, params.autoencoder))
+    state = {"unet": unet, "te1": te1, "te2": te2, "opt": opt, "ema": ema}
+    res = run_loop("teacher", p.steps, step_fn, state, ckpt, p.checkpoint_every, max_minutes=p.max_minutes)
+
+    ema.copy_to(trainable)
+    for m in (unet, te1, te2):
+        m.eval()
+    with atomic_dir(paths.teacher) as out:
+        pipe.save_pretrained(out, safe_serialization=True)
+    info = {"source": "train", "steps": res.steps_done, "train_seconds": res.seconds,
+            "final_eps_mse": res.history[-1]["eps_mse"] if res.history else None,
+            "unet_params_millions": sum(x.numel() for x in unet.parameters()) / 1e6}
+    atomic_write_json(paths.metrics / "teacher.json", info)
+    log.info("teacher: %d steps in %.0fs -> %s", res.steps_done, res.seconds, paths.teacher)
+    return info

@@ -1,0 +1,48 @@
+"""Stage `world`: the shapes world's tokenizer and prompt sets (train / eval / compositional)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+from tlcm import world as W
+from tlcm.params import Params
+from tlcm.paths import Paths
+from tlcm.storage import ArtifactError, atomic_dir
+from tlcm.tokenizer import write_tokenizer
+
+log = logging.getLogger("tlcm")
+
+
+def spec_to_json(spec: W.Spec) -> dict:
+    return {"caption": spec.caption(), "labels": spec.canonical(), "spec": dataclasses.asdict(spec)}
+
+
+def spec_from_json(d: dict) -> W.Spec:
+    s = d["spec"]
+    return W.Spec(tuple(W.Obj(**o) for o in s["objects"]), s["bg"], s.get("position"), s.get("relation"))
+
+
+def read_prompts(paths: Paths, split: str) -> list[W.Spec]:
+    f = paths.prompts(split)
+    if not f.is_file():
+        raise ArtifactError(f"prompt set not found: {f}. Build it with `tlcm stage world` (or `dvc repro world`).")
+    return [spec_from_json(json.loads(line)) for line in f.read_text().splitlines() if line.strip()]
+
+
+def run(params: Params, paths: Paths) -> dict:
+    p = params.world
+    sizes = {"train": p.n_train_prompts, "eval": p.n_eval_prompts, "compositional": p.n_compositional_prompts}
+    with atomic_dir(paths.world) as out:
+        tok = write_tokenizer(W.words(), out / "tokenizer", params.teacher.text.max_length)
+        for split, n in sizes.items():
+            specs = W.sample_specs(p.seed, n, split, p.two_object_frac)
+            Path(out / f"prompts_{split}.jsonl").write_text("".join(json.dumps(spec_to_json(s)) + "\n" for s in specs))
+        summary = {
+            "vocab_size": len(tok), "words": W.words(), "prompts": sizes,
+            "heldout_pairs": sorted(map(list, W.HELDOUT_PAIRS)), "label_spaces": W.LABEL_SPACES,
+        }
+        (out / "world.json").write_text(json.dumps(summary, indent=2))
+    log.info("world: %d words, prompts %s -> %s", len(W.words()), sizes, paths.world)
+    return {"vocab_size": len(tok), **{f"n_{k}": v for k, v in sizes.items()}}

@@ -1,0 +1,1 @@
+"""TLCM pipeline infrastructure: params, storage, training loop, CLI (the math and networks live in ``models``)."""

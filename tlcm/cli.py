@@ -1,0 +1,93 @@
+"""The ``tlcm`` command: run stages, the whole pipeline, sample images."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tlcm.params import ParamsError, load_params
+from tlcm.paths import Paths
+from tlcm.storage import ArtifactError
+from tlcm.training import NonFiniteLoss
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--preset", default=None, help="preset overlay: smoke, mini (default) or sdxl")
+    p.add_argument("--artifacts", default=os.environ.get("TLCM_ARTIFACTS", "artifacts"),
+                   help="artifacts folder (default: artifacts, or $TLCM_ARTIFACTS)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tasks.registry import STAGES
+
+    ap = argparse.ArgumentParser(prog="tlcm", description="TLCM: data-free distillation of a latent diffusion model "
+                                 "into a few-step LoRA (arXiv 2406.05768).")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("stage", help="run one pipeline stage (what each dvc.yaml stage calls)")
+    s.add_argument("name", choices=STAGES)
+    _common(s)
+
+    r = sub.add_parser("run", help="run every stage in order, in this process")
+    _common(r)
+    r.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+
+    g = sub.add_parser("generate", help="sample images from the teacher (or a LoRA) and write a PNG grid")
+    _common(g)
+    g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", type=float, default=None, help="CFG weight (default: evaluate.guidance_scale)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--teacher", default=None, help="teacher hub id or folder (default: from params)")
+    g.add_argument("--out", default="samples.png")
+
+    pp = sub.add_parser("params", help="print the resolved params (after the preset overlay)")
+    _common(pp)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    log = logging.getLogger("tlcm")
+    try:
+        params = load_params(args.params, args.preset)
+        paths = Paths(Path(args.artifacts))
+        if args.cmd == "params":
+            print(json.dumps(params.model_dump(mode="json"), indent=2))
+        elif args.cmd == "stage":
+            from tasks.registry import run_stage
+
+            run_stage(args.name, params, paths)
+        elif args.cmd == "run":
+            from tasks.registry import STAGES, run_stage
+
+            for name in STAGES:
+                run_stage(name, params, paths)
+                if name == args.until:
+                    break
+        elif args.cmd == "generate":
+            from tasks.generate import generate
+
+            out = generate(params, paths, args.prompt, args.steps, args.guidance, args.seed, args.teacher, Path(args.out))
+            print(out)
+        return 0
+    except (ParamsError, ArtifactError, NonFiniteLoss) as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

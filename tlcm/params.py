@@ -1,0 +1,178 @@
+"""Typed, frozen params: one object per ``params.yaml`` section, unknown keys rejected.
+
+``params.yaml`` holds the default preset (``mini``) in full. Another preset
+(``smoke``, ``sdxl``) is a partial overlay in ``configs/presets/<name>.yaml``
+merged over it; select it with the top-level ``preset`` key (so
+``dvc exp run -S preset=smoke`` works) or ``--preset`` on the command line.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = ROOT / "configs" / "presets"
+BASE_PRESET = "mini"
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message names the file and key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorldParams(Section):
+    seed: int = 0
+    image_size: int = 32
+    two_object_frac: float = Field(0.5, ge=0.0, le=1.0)
+    n_train_prompts: int = Field(4096, gt=0)
+    n_eval_prompts: int = Field(256, gt=0)
+    n_compositional_prompts: int = Field(64, gt=0)
+
+
+class EvaluatorParams(Section):
+    seed: int = 1
+    steps: int = Field(1500, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    width: int = Field(32, gt=0)
+    n_test: int = Field(2000, gt=0)
+    checkpoint_every: int = Field(500, gt=0)
+    max_minutes: float = Field(0.0, ge=0)
+
+
+class AutoencoderParams(Section):
+    seed: int = 4
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    latent_channels: int = 4
+    steps: int = Field(1200, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    kl_weight: float = Field(1e-6, ge=0)
+    checkpoint_every: int = Field(500, gt=0)
+    max_minutes: float = Field(0.0, ge=0)
+
+
+class TextParams(Section):
+    hidden_size: int = 64
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    projection_dim: int = 64
+    max_length: int = 24
+
+
+class UNetParams(Section):
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    addition_time_embed_dim: int = 8
+
+
+class TeacherParams(Section):
+    source: str = Field("train", description="'train' builds the shapes-world teacher; else a hub id or local path")
+    seed: int = 2
+    text: TextParams = TextParams()
+    unet: UNetParams = UNetParams()
+    steps: int = Field(6000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    cond_drop: float = Field(0.1, ge=0.0, le=1.0)
+    checkpoint_every: int = Field(500, gt=0)
+    max_minutes: float = Field(0.0, ge=0, description="0 = no wall-clock cap; otherwise stop (and save) after this long")
+
+
+class EvaluateParams(Section):
+    seed: int = 3
+    n_prompts: int = Field(256, gt=0)
+    batch_size: int = Field(64, gt=0)
+    guidance_scale: float = Field(5.0, ge=0)
+    teacher_steps: tuple[int, ...] = (25, 2, 4, 8)
+    grid_prompts: int = Field(16, gt=0)
+
+
+class Params(Section):
+    preset: str = BASE_PRESET
+    world: WorldParams = WorldParams()
+    evaluator: EvaluatorParams = EvaluatorParams()
+    autoencoder: AutoencoderParams = AutoencoderParams()
+    teacher: TeacherParams = TeacherParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    def section(self, name: str) -> Section:
+        return getattr(self, name)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            known = _known_keys(Params, e["loc"])
+            hint = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+            lines.append(
+                f"{source}: unknown key '{key}'"
+                + (f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})")
+            )
+        else:
+            lines.append(f"{source}: '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    return data
+
+
+def load_params(path: str | Path = "params.yaml", preset: str | None = None) -> Params:
+    """Read ``path``, overlay ``preset`` (or the file's own ``preset`` key), validate."""
+    path = Path(path)
+    data = _read_yaml(path)
+    name = preset or data.get("preset", BASE_PRESET)
+    source = str(path)
+    if name != BASE_PRESET:
+        overlay_path = PRESETS_DIR / f"{name}.yaml"
+        if not overlay_path.is_file():
+            known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) + [BASE_PRESET]
+            raise ParamsError(f"unknown preset '{name}' (known: {', '.join(sorted(known))})")
+        data = _deep_merge(data, _read_yaml(overlay_path))
+        source = f"{path} + {overlay_path}"
+    data["preset"] = name
+    try:
+        return Params.model_validate(data)
+    except ValidationError as e:
+        raise ParamsError(_explain(e, source)) from None
+
+
+StageName = Literal["world", "evaluator", "teacher", "evaluate"]

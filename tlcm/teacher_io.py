@@ -1,0 +1,57 @@
+"""Loading the teacher exactly as one loads SDXL: ``from_pretrained(hub id or folder)``."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tlcm.storage import ArtifactError
+
+log = logging.getLogger("tlcm")
+
+BUILD_HINT = ("build the embedded default with `tlcm stage teacher` (or `dvc repro teacher`), "
+              "or set teacher.source in params.yaml to a hub id or a local SDXL/SD1.5 folder")
+
+
+def _corrupt_files(folder: Path) -> list[Path]:
+    bad = []
+    for f in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as h:
+                for k in h.keys():
+                    h.get_tensor(k)
+        except Exception:  # noqa: BLE001 - any failure to read means the file is unusable
+            bad.append(f)
+    return bad
+
+
+def resolve_teacher(source: str, artifacts_teacher: Path) -> str:
+    """'train' means the shapes-world teacher this project builds; anything else is used as given."""
+    return str(artifacts_teacher) if source == "train" else source
+
+
+def load_teacher(source: str, dtype: torch.dtype = torch.float32):
+    """A ``DiffusionPipeline`` (SDXL or SD1.5 style) from a local folder or hub id, with clear errors."""
+    from diffusers import DiffusionPipeline
+
+    path = Path(source)
+    looks_local = path.is_absolute() or source.startswith(".") or path.exists() or source.count("/") != 1
+    if looks_local and not (path / "model_index.json").is_file():
+        raise ArtifactError(f"teacher not found: no model_index.json in '{source}'; {BUILD_HINT}")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=True)
+    except Exception as e:  # noqa: BLE001 - rephrased with the file that failed
+        if path.is_dir():
+            bad = _corrupt_files(path)
+            if bad:
+                raise ArtifactError(f"teacher weight file is corrupt: {bad[0]}; {BUILD_HINT}") from e
+        raise ArtifactError(f"could not load the teacher from '{source}': {e}. "
+                            "For a hub id, download it first (huggingface-cli download) and point teacher.source at the "
+                            f"folder, or {BUILD_HINT}") from e
+    pipe.set_progress_bar_config(disable=True)
+    for m in (pipe.unet, pipe.vae, getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    return pipe
