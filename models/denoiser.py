@@ -39,9 +39,11 @@ class Cond:
         return Cond(c(self.prompt_embeds, other.prompt_embeds), c(self.pooled, other.pooled), c(self.time_ids, other.time_ids))
 
 
-def encode_prompts(pipe, prompts: list[str], image_size: int) -> Cond:
-    """Encode like the diffusers pipeline does at inference (gradients flow if enabled)."""
+def encode_prompts(pipe, prompts: list[str]) -> Cond:
+    """Encode like the diffusers pipeline does at inference (gradients flow if enabled).
+    Time ids are the pipeline's defaults: (H, W, 0, 0, H, W) at its native resolution."""
     if hasattr(pipe, "text_encoder_2"):
+        image_size = pipe.default_sample_size * pipe.vae_scale_factor
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=pipe.unet.device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         ids = torch.tensor([[image_size, image_size, 0, 0, image_size, image_size]], dtype=embeds.dtype)

@@ -56,6 +56,14 @@ def build_pipeline(params: Params, paths: Paths) -> StableDiffusionXLPipeline:
                                      add_watermarker=False)
 
 
+def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weight for ε-prediction, min(SNR_t, γ) / SNR_t (Hang et al. 2023); γ = 0: uniform."""
+    if gamma <= 0:
+        return torch.ones(t.shape)
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return (snr.clamp(max=gamma) / snr).float()
+
+
 def run(params: Params, paths: Paths) -> dict:
     p, wp = params.teacher, params.world
     if p.source != "train":
@@ -83,14 +91,16 @@ def run(params: Params, paths: Paths) -> dict:
         with torch.no_grad():
             z0 = vae.encode(W.to_unit_tensor(imgs) * 2 - 1).latent_dist.mean * sf
         keep = torch.rand(len(specs), generator=gen) >= p.cond_drop
-        cond = encode_prompts(pipe, [s.caption() for s in specs], wp.image_size).masked(keep)
+        cond = encode_prompts(pipe, [s.caption() for s in specs]).masked(keep)
         t = torch.randint(0, 1000, (len(specs),), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
         pred = model.eps(q_sample(z0, eps, t, model.alphas_cumprod), t, cond)
-        terms = {"eps_mse": F.mse_loss(pred, eps)}
+        per_sample = F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))
+        terms = {"eps_mse": per_sample.mean()}
         ensure_finite(terms, "teacher", step)
+        weight = min_snr_weight(model.alphas_cumprod, t, p.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
-        terms["eps_mse"].backward()
+        (weight * per_sample).mean().backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         ema.step(trainable)

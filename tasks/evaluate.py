@@ -1,0 +1,119 @@
+"""Stage `evaluate`: the benchmark table (JSON, markdown, sample grid) on held-out prompts.
+
+Every row is judged by the independent evaluator: alignment accuracy (every
+prompted attribute recognised) with per-attribute accuracies, and the
+Fréchet distance of evaluator features against real renders of the same
+prompts. Speed is end to end (text encoding, sampling, VAE decoding) at the
+stage's batch size, in one process, so rows are comparable as ratios.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from models.evaluator import FeatureExtractor
+from tasks.evaluator import accuracy, load_evaluator, require
+from tasks.generate import Samples, teacher_ddim
+from tasks.world import read_prompts
+from tlcm import world as W
+from tlcm.grids import save_grid
+from tlcm.params import Params
+from tlcm.paths import Paths
+from tlcm.storage import atomic_dir, atomic_write_json
+from tlcm.teacher_io import load_teacher, resolve_teacher
+
+log = logging.getLogger("tlcm")
+
+
+@dataclass
+class Row:
+    method: str
+    steps: int
+    guidance: float
+    samples: Samples
+    compositional: Samples | None = None
+
+
+def frechet_distance(net, real: np.ndarray, fake: np.ndarray) -> float:
+    extractor = FeatureExtractor(net)
+    extractor.num_features = net.proj[1].out_features
+    fid = FrechetInceptionDistance(feature=extractor, normalize=False)
+    to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
+    fid.update(to_t(real), real=True)
+    fid.update(to_t(fake), real=False)
+    return float(fid.compute())
+
+
+def score(net, row: Row, specs: list[W.Spec], real: np.ndarray, comp_specs: list[W.Spec]) -> dict:
+    acc = accuracy(net, W.to_unit_tensor(row.samples.images), specs)
+    out = {
+        "method": row.method, "steps": row.steps, "guidance": row.guidance,
+        "alignment": acc["all"], **{f"acc_{k}": v for k, v in acc.items() if k != "all"},
+        "frechet": frechet_distance(net, real, row.samples.images),
+        "sec_per_image": row.samples.seconds_per_image, "unet_evals": row.samples.unet_evals_per_image,
+        "real_images_used": 0,
+    }
+    if row.compositional is not None:
+        out["alignment_compositional"] = accuracy(net, W.to_unit_tensor(row.compositional.images), comp_specs)["all"]
+    return out
+
+
+COLUMNS = [("method", "method"), ("steps", "steps"), ("alignment", "align."), ("alignment_compositional", "align. (held-out combos)"),
+           ("acc_colour", "colour"), ("acc_shape", "shape"), ("acc_size", "size"), ("acc_layout", "position/relation"),
+           ("acc_background", "bg"), ("frechet", "Fréchet"), ("sec_per_image", "s/img"), ("unet_evals", "UNet evals/img"),
+           ("real_images_used", "real images")]
+
+
+def markdown(rows: list[dict], header: str) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) and v < 1 else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
+    lines = [header, "", "| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(fmt(r.get(k, "")) for k, _ in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@torch.no_grad()
+def run(params: Params, paths: Paths) -> dict:
+    p, wp = params.evaluate, params.world
+    require(paths)
+    net = load_evaluator(params, paths)
+    specs = read_prompts(paths, "eval")[: p.n_prompts]
+    comp = read_prompts(paths, "compositional")
+    prompts, comp_prompts = [s.caption() for s in specs], [s.caption() for s in comp]
+    real = W.render_batch(specs, p.seed + 11, wp.image_size)
+    real2 = W.render_batch(specs, p.seed + 12, wp.image_size)
+
+    pipe = load_teacher(resolve_teacher(params.teacher.source, paths.teacher))
+    rows: list[Row] = []
+    for n in p.teacher_steps:
+        log.info("evaluate: teacher DDIM %d steps, w=%s, %d prompts", n, p.guidance_scale, len(prompts))
+        rows.append(Row("teacher DDIM + CFG", n, p.guidance_scale,
+                        teacher_ddim(pipe, prompts, n, p.guidance_scale, p.seed, p.batch_size),
+                        teacher_ddim(pipe, comp_prompts, n, p.guidance_scale, p.seed, p.batch_size)))
+
+    real_row = {"method": "real renders (reference)", "steps": 0, "real_images_used": 0,
+                "alignment": accuracy(net, W.to_unit_tensor(real), specs)["all"],
+                "frechet": frechet_distance(net, real, real2)}
+    table = [real_row] + [score(net, r, specs, real, comp) for r in rows]
+    meta = {"preset": params.preset, "n_prompts": len(prompts), "n_compositional": len(comp_prompts),
+            "batch_size": p.batch_size, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+            "teacher": params.teacher.source}
+    grid_rows = [("real render", real[: p.grid_prompts])] + [
+        (f"{r.method.split()[0]} {r.steps} st", r.samples.images[: p.grid_prompts]) for r in rows]
+    with atomic_dir(paths.benchmark) as out:
+        (out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2))
+        (out / "benchmark.md").write_text(markdown(table, f"Benchmark ({params.preset}; {len(prompts)} held-out prompts; "
+                                                          f"CFG w={p.guidance_scale}; batch {p.batch_size})"))
+        save_grid(grid_rows, out / "samples.png")
+        (out / "prompts.txt").write_text("\n".join(prompts[: p.grid_prompts]) + "\n")
+    atomic_write_json(paths.metrics / "evaluate.json", {f"{r['method']}@{r['steps']}": {k: v for k, v in r.items()
+                      if isinstance(v, (int, float))} for r in table})
+    log.info("evaluate:\n%s", (paths.benchmark / "benchmark.md").read_text())
+    return {"rows": table}

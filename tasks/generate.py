@@ -1,0 +1,57 @@
+"""Sampling images for prompts: shared by `tlcm generate` and the `evaluate` stage."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.denoiser import Denoiser, encode_prompts
+from models.sampling import sample_ddim, trailing_timesteps, unet_evals
+from tlcm.grids import save_grid
+from tlcm.params import Params
+from tlcm.paths import Paths
+from tlcm.teacher_io import load_teacher, resolve_teacher
+
+
+@dataclass
+class Samples:
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    seconds_per_image: float
+    unet_evals_per_image: int
+
+
+def initial_noise(n: int, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """z_T for image i depends only on (seed, i), not on batching."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 100_003 + i)) for i in range(n)])
+
+
+def decode(pipe, z0: torch.Tensor) -> np.ndarray:
+    x = pipe.vae.decode(z0 / pipe.vae.config.scaling_factor).sample
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def teacher_ddim(pipe, prompts: list[str], steps: int, w: float, seed: int, batch_size: int) -> Samples:
+    """Teacher DDIM with CFG (trailing timesteps), text encoding and VAE decoding included in the timing."""
+    model = Denoiser(pipe.unet, pipe.scheduler.alphas_cumprod)
+    side = pipe.unet.config.sample_size
+    z_T = initial_noise(len(prompts), (pipe.unet.config.in_channels, side, side), seed)
+    out = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        cond = encode_prompts(pipe, prompts[i:i + batch_size])
+        z0 = sample_ddim(model, cond, trailing_timesteps(steps), w, z_T[i:i + batch_size])
+        out.append(decode(pipe, z0))
+    dt = time.perf_counter() - t0
+    return Samples(np.concatenate(out), dt / len(prompts), unet_evals(steps, w))
+
+
+def generate(params: Params, paths: Paths, prompts: list[str], steps: int, guidance: float | None, seed: int,
+             teacher: str | None, out: Path) -> Path:
+    pipe = load_teacher(teacher or resolve_teacher(params.teacher.source, paths.teacher))
+    w = params.evaluate.guidance_scale if guidance is None else guidance
+    s = teacher_ddim(pipe, prompts, steps, w, seed, params.evaluate.batch_size)
+    return save_grid([(f"teacher {steps} steps w={w}", s.images)], out)

@@ -1,0 +1,40 @@
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(scope="session")
+def smoke_params():
+    from tlcm.params import load_params
+
+    return load_params(REPO / "params.yaml", "smoke")
+
+
+@pytest.fixture(scope="session")
+def smoke_artifacts(tmp_path_factory, smoke_params):
+    """world -> autoencoder -> evaluator -> teacher on the smoke preset, built once per test session."""
+    from tasks.registry import run_stage
+    from tlcm.paths import Paths
+
+    paths = Paths(tmp_path_factory.mktemp("artifacts"))
+    for name in ("world", "autoencoder", "evaluator", "teacher"):
+        run_stage(name, smoke_params, paths)
+    return paths
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    e = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "tlcm.cli", *args], cwd=cwd, env=e, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+logging.getLogger("tlcm").setLevel(logging.INFO)

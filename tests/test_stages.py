@@ -1,0 +1,120 @@
+"""Every bootstrap stage on the smoke preset, the teacher loaded the way SDXL is, and bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, run_cli
+
+from tlcm.storage import ArtifactError
+
+
+def test_teacher_is_a_real_sdxl_pipeline_folder(smoke_artifacts):
+    from diffusers import StableDiffusionXLPipeline
+
+    idx = json.loads((smoke_artifacts.teacher / "model_index.json").read_text())
+    assert idx["_class_name"] == "StableDiffusionXLPipeline"
+    pipe = StableDiffusionXLPipeline.from_pretrained(smoke_artifacts.teacher)
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    img = pipe("a red circle left of a blue square on a gray background", num_inference_steps=2,
+               guidance_scale=3.0, output_type="np").images
+    assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
+
+
+def test_own_ddim_sampler_matches_diffusers_pipeline(smoke_artifacts):
+    """Our DDIM+CFG sampler is the same computation as diffusers' SDXL pipeline with a trailing DDIMScheduler."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    from models.denoiser import Denoiser, encode_prompts
+    from models.sampling import sample_ddim, trailing_timesteps
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(smoke_artifacts.teacher)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                             clip_sample=False)
+    prompts = ["a small red cross on the left on a black background", "a blue circle above a green square on a white background"]
+    z_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    ref = pipe(prompts, num_inference_steps=4, guidance_scale=3.0, latents=z_T.clone(), output_type="latent").images
+    with torch.no_grad():
+        ours = sample_ddim(Denoiser(pipe.unet, pipe.scheduler.alphas_cumprod), encode_prompts(pipe, prompts),
+                           trailing_timesteps(4), 3.0, z_T)
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+
+
+def test_evaluate_writes_table_grid_and_metrics(smoke_artifacts, smoke_params):
+    from tasks.registry import run_stage
+
+    run_stage("evaluate", smoke_params, smoke_artifacts)
+    bench = json.loads((smoke_artifacts.benchmark / "benchmark.json").read_text())
+    rows = bench["rows"]
+    assert rows[0]["method"].startswith("real renders")
+    teacher_rows = [r for r in rows if r["method"].startswith("teacher")]
+    assert [r["steps"] for r in teacher_rows] == list(smoke_params.evaluate.teacher_steps)
+    for r in teacher_rows:
+        assert 0.0 <= r["alignment"] <= 1.0 and np.isfinite(r["frechet"]) and r["sec_per_image"] > 0
+        assert r["unet_evals"] == 2 * r["steps"] and r["real_images_used"] == 0
+    assert "| method |" in (smoke_artifacts.benchmark / "benchmark.md").read_text()
+    assert (smoke_artifacts.benchmark / "samples.png").stat().st_size > 1000
+
+
+def test_cli_generate_writes_png(smoke_artifacts, tmp_path):
+    out = tmp_path / "s.png"
+    r = run_cli("generate", "--preset", "smoke", "--artifacts", str(smoke_artifacts.root), "--steps", "3",
+                "--prompt", "a large red circle in the center on a gray background", "--prompt", "a blue cross above a red square on a black background",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    assert Image.open(out).size[0] > 64
+
+
+def test_missing_teacher_path_is_named(tmp_path):
+    r = run_cli("generate", "--teacher", str(tmp_path / "nowhere"), "--prompt", "a red circle", "--out", str(tmp_path / "x.png"))
+    assert r.returncode == 2
+    assert str(tmp_path / "nowhere") in r.stderr and "tlcm stage teacher" in r.stderr
+
+
+def test_corrupt_teacher_weight_is_named(smoke_artifacts, tmp_path):
+    import shutil
+
+    from tlcm.teacher_io import load_teacher
+
+    bad = tmp_path / "teacher"
+    shutil.copytree(smoke_artifacts.teacher, bad)
+    f = next((bad / "unet").glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match="corrupt.*unet"):
+        load_teacher(str(bad))
+
+
+def test_killed_stage_resumes_from_its_checkpoint(tmp_path):
+    """SIGKILL a training stage mid-run; the rerun resumes from the last checkpoint and finishes."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "params.yaml").read_text())
+    cfg["autoencoder"].update(block_out_channels=[8, 16], batch_size=4, steps=80, checkpoint_every=5)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg))
+    art = tmp_path / "art"
+    cmd = [sys.executable, "-m", "tlcm.cli", "stage", "autoencoder", "--params", str(params), "--artifacts", str(art)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "TQDM_DISABLE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = art / "checkpoints" / "autoencoder" / "latest.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (latest.is_file() and json.loads(latest.read_text())["step"] >= 10):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = json.loads(latest.read_text())["step"]
+    assert 10 <= killed_at < 80
+    assert not (art / "autoencoder").exists()  # nothing half-written is published
+    r = run_cli("stage", "autoencoder", "--params", str(params), "--artifacts", str(art))
+    assert r.returncode == 0, r.stderr
+    resumed = int(r.stderr.split("resumed from checkpoint at step ")[1].split("/")[0])
+    assert resumed >= killed_at
+    assert (art / "autoencoder" / "diffusion_pytorch_model.safetensors").is_file()
