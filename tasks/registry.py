@@ -7,22 +7,24 @@ import time
 
 import torch
 
+from tlcm import tracking
 from tlcm.params import Params
 from tlcm.paths import Paths
 
 log = logging.getLogger("tlcm")
 
-STAGES: tuple[str, ...] = ("world", "autoencoder", "evaluator", "teacher", "evaluate")
+STAGES: tuple[str, ...] = ("world", "autoencoder", "evaluator", "teacher", "evaluate", "register")
 
 
 def run_stage(name: str, params: Params, paths: Paths) -> dict:
-    """Run one stage (``tasks/<name>.py: run``) with a start and a wall-time log line."""
+    """Run one stage (``tasks/<name>.py: run``) with a start and a wall-time log line, inside its
+    records context (loss history; an MLflow run nested in the pipeline run when tracking is on)."""
     if name not in STAGES:
         raise KeyError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
     module = importlib.import_module(f"tasks.{name}")
     log.info("stage %s: start (preset %s, artifacts %s)", name, params.preset, paths.root)
     t0 = time.monotonic()
-    with torch.inference_mode(False):
-        result = module.run(params, paths)
+    with torch.inference_mode(False), tracking.stage_run(name, params, paths) as record:
+        result = record.result = module.run(params, paths)
     log.info("stage %s: done in %.1fs", name, time.monotonic() - t0)
     return result

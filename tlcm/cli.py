@@ -8,9 +8,11 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.register import PromotionRefused
 from tlcm.params import ParamsError, load_params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError
+from tlcm.tracking import TrackingError
 from tlcm.training import NonFiniteLoss
 
 
@@ -55,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("params", help="print the resolved params (after the preset overlay)")
     _common(pp)
+
+    pr = sub.add_parser("promote", help="set alias 'champion' on a registered version if it passes register.gates")
+    _common(pr)
+    pr.add_argument("version", help="model version number (see alias 'candidate')")
+    pr.add_argument("--force", action="store_true", help="promote even if the gates fail (recorded on the version)")
     return ap
 
 
@@ -73,18 +80,25 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(args.name, params, paths)
         elif args.cmd == "run":
             from tasks.registry import STAGES, run_stage
+            from tlcm import tracking
 
-            for name in STAGES:
-                run_stage(name, params, paths)
-                if name == args.until:
-                    break
+            with tracking.pipeline_run(params, paths, tags={"tlcm.entry": "tlcm run"}):
+                for name in STAGES:
+                    run_stage(name, params, paths)
+                    if name == args.until:
+                        break
+        elif args.cmd == "promote":
+            from tasks.register import promote
+
+            res = promote(args.version, params, force=args.force)
+            print(f"{res.model_name} version {res.version} -> champion" + (" (forced past failing gates)" if res.forced else ""))
         elif args.cmd == "generate":
             from tasks.generate import generate
 
             out = generate(params, paths, args.prompt, args.steps, args.guidance, args.seed, args.teacher, Path(args.out))
             print(out)
         return 0
-    except (ParamsError, ArtifactError, NonFiniteLoss) as e:
+    except (ParamsError, ArtifactError, NonFiniteLoss, TrackingError, PromotionRefused) as e:
         log.error("%s", e)
         return 2
 

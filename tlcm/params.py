@@ -8,6 +8,7 @@ merged over it; select it with the top-level ``preset`` key (so
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -100,16 +101,35 @@ class EvaluateParams(Section):
     grid_prompts: int = Field(16, gt=0)
 
 
-class Params(Section):
-    preset: str = BASE_PRESET
-    world: WorldParams = WorldParams()
-    evaluator: EvaluatorParams = EvaluatorParams()
-    autoencoder: AutoencoderParams = AutoencoderParams()
-    teacher: TeacherParams = TeacherParams()
-    evaluate: EvaluateParams = EvaluateParams()
+class GateParams(Section):
+    """Promotion gates: ``tlcm promote`` checks one benchmark row (method + steps) against these."""
+    method: str = Field("teacher DDIM + CFG", description="benchmark row 'method' the gates read")
+    steps: int = Field(4, ge=0, description="benchmark row 'steps' the gates read")
+    min_alignment: float = Field(0.0, ge=0.0, le=1.0)
+    max_frechet: float | None = Field(None, ge=0.0, description="null = no Fréchet gate")
+    max_sec_per_image: float | None = Field(None, gt=0.0, description="null = no speed gate")
 
-    def section(self, name: str) -> Section:
-        return getattr(self, name)
+
+class RegisterParams(Section):
+    model_name: str = Field("tlcm-shapes", min_length=1, description="MLflow registered model name")
+    gates: GateParams = GateParams()
+
+
+# `register` (the stage) shadows ABCMeta.register on the class; harmless for a field, so silence pydantic.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
+
+    class Params(Section):
+        preset: str = BASE_PRESET
+        world: WorldParams = WorldParams()
+        evaluator: EvaluatorParams = EvaluatorParams()
+        autoencoder: AutoencoderParams = AutoencoderParams()
+        teacher: TeacherParams = TeacherParams()
+        evaluate: EvaluateParams = EvaluateParams()
+        register: RegisterParams = RegisterParams()
+
+        def section(self, name: str) -> Section:
+            return getattr(self, name)
 
 
 def _deep_merge(base: dict, over: dict) -> dict:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from tlcm import tracking
 from tlcm.storage import Checkpointer
 
 log = logging.getLogger("tlcm")
@@ -114,6 +115,7 @@ def run_loop(
             running = {}
             history.append({"step": done, **avg})
             bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items()})
+            tracking.log_step(stage, done, avg)
             if on_log:
                 on_log(done, avg)
         if done % checkpoint_every == 0 and done < total_steps:
