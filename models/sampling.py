@@ -28,3 +28,15 @@ def sample_ddim(model: Denoiser, cond: Cond, timesteps: list[int], w: float, z_T
 def unet_evals(steps: int, w: float) -> int:
     """UNet evaluations per image: two per step under CFG (w ≠ 1), one otherwise."""
     return steps * (1 if w == 1.0 else 2)
+
+
+@torch.no_grad()
+def sample_with_scheduler(model: Denoiser, cond: Cond, scheduler, steps: int, z_T: torch.Tensor, w: float = 1.0,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """The diffusers pipeline's denoising loop with any scheduler (TLCMScheduler, LCMScheduler, ...)."""
+    scheduler.set_timesteps(steps, device=z_T.device)
+    z = z_T * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        eps = model.eps_cfg(scheduler.scale_model_input(z, t), t, cond, w)
+        z = scheduler.step(eps, t, z, generator=generator, return_dict=False)[0]
+    return z

@@ -1,6 +1,7 @@
 """Stage `evaluator`: attribute classifiers on pixels, the independent judge (never used for training).
 
-Trained on train-split renders with mild blur/noise/colour augmentation so that
+Trained on renders of every split (held-out prompts are held out of the *generators'*
+training; the judge must know every attribute combination), with mild blur/noise/colour augmentation so that
 it judges attributes rather than sharpness (sharpness is the Fréchet
 distance's job). Its accuracy is reported on held-out (eval and
 compositional) renders.
@@ -78,7 +79,7 @@ def run(params: Params, paths: Paths) -> dict:
     def step_fn(step: int) -> dict[str, float]:
         for g in opt.param_groups:
             g["lr"] = p.lr * cosine_warmup(step, 100, p.steps, floor=0.02)
-        specs, imgs = W.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size)
+        specs, imgs = W.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size, split=None)
         x = augment(W.to_unit_tensor(imgs), step_generator(p.seed, step))
         terms = classification_loss(net(x), labels_tensor(specs))
         ensure_finite(terms, "evaluator", step)
@@ -92,7 +93,7 @@ def run(params: Params, paths: Paths) -> dict:
                    max_minutes=p.max_minutes)
     net.eval()
     metrics: dict = {"steps": res.steps_done, "train_seconds": res.seconds}
-    for split in ("eval", "compositional"):
+    for split in ("eval", "compositional"):  # fresh renders (other seeds than training's) of held-out prompts
         specs = W.sample_specs(p.seed + 7, p.n_test, split, wp.two_object_frac)
         imgs = W.to_unit_tensor(W.render_batch(specs, p.seed + 7, wp.image_size))
         metrics[f"accuracy_{split}"] = accuracy(net, imgs, specs)

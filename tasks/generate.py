@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from models.denoiser import Denoiser, encode_prompts
-from models.sampling import sample_ddim, trailing_timesteps, unet_evals
+from models.sampling import sample_ddim, sample_with_scheduler, trailing_timesteps, unet_evals
 from tlcm.grids import save_grid
 from tlcm.params import Params
 from tlcm.paths import Paths
@@ -47,6 +47,23 @@ def teacher_ddim(pipe, prompts: list[str], steps: int, w: float, seed: int, batc
         out.append(decode(pipe, z0))
     dt = time.perf_counter() - t0
     return Samples(np.concatenate(out), dt / len(prompts), unet_evals(steps, w))
+
+
+@torch.no_grad()
+def student_samples(pipe, prompts: list[str], steps: int, seed: int, batch_size: int, scheduler) -> Samples:
+    """Few-step samples of ``pipe.unet`` as it is (LoRA loaded or fused) with ``scheduler``, CFG off."""
+    model = Denoiser(pipe.unet, pipe.scheduler.alphas_cumprod)
+    side = pipe.unet.config.sample_size
+    z_T = initial_noise(len(prompts), (pipe.unet.config.in_channels, side, side), seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    out = []
+    t0 = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        cond = encode_prompts(pipe, prompts[i:i + batch_size])
+        z0 = sample_with_scheduler(model, cond, scheduler, steps, z_T[i:i + batch_size], 1.0, gen)
+        out.append(decode(pipe, z0))
+    dt = time.perf_counter() - t0
+    return Samples(np.concatenate(out), dt / len(prompts), unet_evals(steps, 1.0))
 
 
 def generate(params: Params, paths: Paths, prompts: list[str], steps: int, guidance: float | None, seed: int,

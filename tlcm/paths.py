@@ -42,3 +42,7 @@ class Paths:
 
     def checkpoints(self, stage: str) -> Path:
         return self.root / "checkpoints" / stage
+
+    def lora(self, stage: str) -> Path:
+        """The student LoRA after ``stage`` (mlcd, ilcd, lcm_baseline, ...), a diffusers LoRA folder."""
+        return self.root / f"lora_{stage}"

@@ -155,13 +155,13 @@ def sample_spec(rng: np.random.Generator, two_object_frac: float = 0.5) -> Spec:
     return Spec((obj(SIZES[rng.integers(2)]),), bg, position=POSITIONS[rng.integers(len(POSITIONS))])
 
 
-def sample_specs(seed: int, n: int, split: Split, two_object_frac: float = 0.5) -> list[Spec]:
-    """``n`` specs of one split, deterministic in ``seed`` (rejection sampling)."""
-    rng = np.random.default_rng([seed, ("train", "eval", "compositional").index(split)])
+def sample_specs(seed: int, n: int, split: Split | None, two_object_frac: float = 0.5) -> list[Spec]:
+    """``n`` specs of one split (``None``: any), deterministic in ``seed`` (rejection sampling)."""
+    rng = np.random.default_rng([seed, ("train", "eval", "compositional", None).index(split)])
     out: list[Spec] = []
     while len(out) < n:
         s = sample_spec(rng, two_object_frac)
-        if s.split() == split:
+        if split is None or s.split() == split:
             out.append(s)
     return out
 
@@ -249,10 +249,12 @@ def render_batch(specs: list[Spec], seed: int, size: int = 32) -> np.ndarray:
     return np.stack([render(s, np.random.default_rng([seed, i]), size) for i, s in enumerate(specs)])
 
 
-def train_batch(seed: int, step: int, n: int, two_object_frac: float = 0.5, size: int = 32) -> tuple[list[Spec], np.ndarray]:
-    """Training data for ``step``: train-split specs and their renders, a pure function of (seed, step)."""
+def train_batch(seed: int, step: int, n: int, two_object_frac: float = 0.5, size: int = 32,
+                split: Split | None = "train") -> tuple[list[Spec], np.ndarray]:
+    """Training data for ``step``: specs of ``split`` (generators: "train" only) and their renders,
+    a pure function of (seed, step)."""
     s = (seed * 1_000_003 + step) % (2**32)
-    specs = sample_specs(s, n, "train", two_object_frac)
+    specs = sample_specs(s, n, split, two_object_frac)
     return specs, render_batch(specs, s, size)
 
 

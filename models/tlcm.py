@@ -1,0 +1,130 @@
+"""TLCM's segment math (paper §4.1–4.2, Algorithms 1 and 2). Pure functions, no I/O.
+
+Milestones ``t_step^s`` split [0, T] into M segments; for M = 8 and T = 1000 they are
+0, 124, 249, 374, 499, 624, 749, 874, 999 (the official inference code's timesteps).
+Segment ``s`` (0-based, s = 0 is the lowest) is ``(t_step^s, t_step^{s+1}]``; the student
+``g_θ`` jumps from any t in it down to ``t_step^s`` with DDIM on its own x̂_0 (Eq. 7).
+Milestone 0 is treated as the clean end: a jump "to 0" returns x̂_0 (ᾱ = 1), so that
+``f_θ`` at t = 0 is the identity, as the paper's boundary condition requires.
+"""
+from __future__ import annotations
+
+import torch
+
+from models.denoiser import Cond, Denoiser
+from models.diffusion import ddim_step, q_sample, x0_from_eps
+
+
+def milestones(M: int = 8, T: int = 1000) -> list[int]:
+    """``[t_step^0, ..., t_step^M]`` ascending: 0, then round(s T / M) − 1."""
+    return [0] + [int(round(s * T / M)) - 1 for s in range(1, M + 1)]
+
+
+def as_solver_t(t: int | torch.Tensor) -> torch.Tensor:
+    """Milestone 0 is the clean end (t = −1 in :mod:`models.diffusion`)."""
+    t = torch.as_tensor(t)
+    return torch.where(t <= 0, torch.full_like(t, -1), t)
+
+
+def segment_of(t: torch.Tensor, ms: list[int]) -> torch.Tensor:
+    """0-based segment index s with ``ms[s] < t <= ms[s+1]`` (t = 0 maps to segment 0)."""
+    edges = torch.tensor(ms[1:-1], device=t.device)
+    return torch.bucketize(t, edges, right=False)
+
+
+def lower_milestone(t: torch.Tensor, ms: list[int]) -> torch.Tensor:
+    """``t_step^s`` for the segment that contains t."""
+    return torch.tensor(ms, device=t.device)[segment_of(t, ms)]
+
+
+def g_theta(student: Denoiser, z_t: torch.Tensor, t: torch.Tensor, t_s: torch.Tensor, c: Cond) -> torch.Tensor:
+    """g_θ(z_t, t, t_step^s, c) = DDIM(z_t, f_θ(z_t, c, t), t, t_step^s)  (Eq. 7); no CFG (w is distilled)."""
+    eps = student.eps(z_t, t, c)
+    return ddim_step(z_t, eps, t, as_solver_t(t_s), student.alphas_cumprod)
+
+
+def f_theta_x0(student: Denoiser, z_t: torch.Tensor, t: torch.Tensor, c: Cond) -> torch.Tensor:
+    """x̂_0 of the student; the identity at t = 0 (boundary condition of Eq. 10)."""
+    x0 = x0_from_eps(z_t, student.eps(z_t, t.clamp(min=0), c), as_solver_t(t), student.alphas_cumprod)
+    clean = (t <= 0).view(-1, *([1] * (z_t.ndim - 1)))
+    return torch.where(clean, z_t, x0)
+
+
+@torch.no_grad()
+def teacher_ddim_path(teacher: Denoiser, z: torch.Tensor, t_from: torch.Tensor, t_to: torch.Tensor, n: torch.Tensor | int,
+                      c: Cond, w: float) -> torch.Tensor:
+    """``n`` uniform CFG-DDIM steps of the teacher from ``t_from`` to ``t_to`` (per sample; Eq. 8 when n = 1).
+
+    Per-sample step counts are supported by running max(n) steps and holding a sample once it
+    has taken its own n. Times are rounded to integer timesteps.
+    """
+    n = torch.as_tensor(n).expand(z.shape[0]).to(z.device)
+    t_from, t_to = t_from.float(), t_to.float()
+    dt = (t_from - t_to) / n.clamp(min=1)
+    for i in range(int(n.max())):
+        active = i < n
+        t1 = (t_from - i * dt).round().long()
+        t2 = (t_from - (i + 1) * dt).round().long()
+        eps = teacher.eps_cfg(z, t1.clamp(min=0), c, w)
+        z_next = ddim_step(z, eps, t1, as_solver_t(t2), teacher.alphas_cumprod)
+        z = torch.where(active.view(-1, *([1] * (z.ndim - 1))), z_next, z)
+    return z
+
+
+def mds_steps(segment: torch.Tensor, M: int) -> torch.Tensor:
+    """Multistep denoising strategy (Alg. 1): L = M − s teacher steps to reach t_m in segment s."""
+    return M - segment
+
+
+def mlcd_pair(teacher: Denoiser, eps: torch.Tensor, t_m: torch.Tensor, skip: int, c: Cond, w: float, ms: list[int],
+              T_start: int = 999) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Algorithm 1's teacher side: (z_{t_m}, z_{t_n}, t_n, t_step^s).
+
+    z_{t_m}: L = M − s CFG-DDIM steps from z_T = ε (MDS). z_{t_n}: one CFG-DDIM step of ``skip``
+    (Eq. 8). Boundary: if t_n would reach or pass the segment's lower milestone, t_n is clamped
+    to it, so the target g_θ(z_{t_n}, t_n, t_step^s) is the solver state z_{t_step^s} itself.
+    """
+    M = len(ms) - 1
+    seg = segment_of(t_m, ms)
+    t_s = torch.tensor(ms, device=t_m.device)[seg]
+    z_tm = teacher_ddim_path(teacher, eps, torch.full_like(t_m, T_start), t_m, mds_steps(seg, M), c, w)
+    t_n = torch.maximum(t_m - skip, t_s)
+    z_tn = teacher_ddim_path(teacher, z_tm, t_m, t_n, 1, c, w)
+    return z_tm, z_tn, t_n, t_s
+
+
+def mlcd_terms(student: Denoiser, z_tm, z_tn, t_m, t_n, t_s, c: Cond, distance) -> dict[str, torch.Tensor]:
+    """Eq. 7: d(g_θ(z_{t_m}), nograd g_θ(z_{t_n})); at the boundary (t_n = t_step^s) the target is z_{t_n}."""
+    pred = g_theta(student, z_tm, t_m, t_s, c)
+    with torch.no_grad():
+        at_boundary = (t_n <= t_s).view(-1, *([1] * (z_tn.ndim - 1)))
+        target = torch.where(at_boundary, z_tn, g_theta(student, z_tn, t_n, t_s, c))
+    return {"consistency": distance(pred, target)}
+
+
+def student_sample_x0(student: Denoiser, eps: torch.Tensor, q: int, c: Cond, T: int = 1000) -> torch.Tensor:
+    """Algorithm 2's ẑ_0: q student steps from ε, re-noising each x̂_0 with the same ε."""
+    z, t = eps, torch.full((eps.shape[0],), T - 1, device=eps.device)
+    x0 = eps
+    for i in range(q):
+        x0 = x0_from_eps(z, student.eps(z, t, c), t, student.alphas_cumprod)
+        t_next = T - T // q * (i + 1) - 1
+        if t_next < 0:
+            break
+        t = torch.full_like(t, t_next)
+        z = q_sample(x0, eps, t, student.alphas_cumprod)
+    return x0
+
+
+def ilcd_terms(student: Denoiser, teacher: Denoiser, eps: torch.Tensor, noise: torch.Tensor, t_m: torch.Tensor, q: int,
+               p: int, c: Cond, w: float, ms: list[int], distance) -> dict[str, torch.Tensor]:
+    """Algorithm 2 / Eq. 10: ẑ_{t_m} = FD(nograd ẑ_0, t_m) (Eq. 9); ẑ_{t_n} by p teacher CFG-DDIM steps over
+    one segment; loss d(f_θ(ẑ_{t_m}), nograd f_θ(ẑ_{t_n})) on x̂_0, f at t = 0 the identity."""
+    with torch.no_grad():
+        z0 = student_sample_x0(student, eps, q, c)
+        z_tm = q_sample(z0, noise, t_m, student.alphas_cumprod)
+        t_n = lower_milestone(t_m, ms)
+        z_tn = teacher_ddim_path(teacher, z_tm, t_m, t_n, p, c, w)
+        target = f_theta_x0(student, z_tn, t_n, c)
+    pred = f_theta_x0(student, z_tm, t_m, c)
+    return {"consistency": distance(pred, target)}

@@ -1,0 +1,133 @@
+"""The consistency-distillation loop shared by `mlcd`, `ilcd` and `lcm_baseline`.
+
+Data-free: only prompts (the world's train prompts, or a prompt file for real
+teachers) and Gaussian noise; every latent the student sees comes from the
+teacher's ODE (MLCD, Alg. 1) or from the student itself re-noised (iLCD, Alg. 2).
+One UNet in memory: the teacher is the same UNet with its adapters disabled.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from models.denoiser import Denoiser, encode_prompts
+from models.lora import FrozenTeacher, add_lora, lora_parameters
+from models.tlcm import ilcd_terms, milestones, mlcd_pair, mlcd_terms
+from tlcm.lora_io import load_lora_into, save_lora
+from tlcm.params import ConsistencyParams, Params
+from tlcm.paths import Paths
+from tlcm.storage import Checkpointer, atomic_write_json
+from tlcm.teacher_io import load_teacher, resolve_teacher
+from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
+
+log = logging.getLogger("tlcm")
+
+Kind = Literal["mlcd", "ilcd"]
+
+
+def mse_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(x, y)
+
+
+def make_distance(p: ConsistencyParams, params: Params, paths: Paths) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """d(·,·) of Eq. 7/10: latent MSE, or the trained latent LPIPS (mean over the batch)."""
+    if p.loss == "mse":
+        return mse_distance
+    from tasks.latent_lpips import load_latent_lpips
+
+    net = load_latent_lpips(params, paths)
+    return lambda x, y: net(x, y).mean()
+
+
+def train_prompts(paths: Paths) -> list[str]:
+    from tasks.world import read_prompts
+
+    return [s.caption() for s in read_prompts(paths, "train")]
+
+
+def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str | None) -> dict:
+    """Train the student LoRA for ``stage`` (its params section) and save it to ``paths.lora(stage)``.
+
+    ``init_from``: the stage whose LoRA to continue (iLCD continues MLCD's); None = a fresh LoRA.
+    """
+    p: ConsistencyParams = params.section(stage)
+    accelerator = Accelerator()
+    pipe = load_teacher(resolve_teacher(params.teacher.source, paths.teacher))
+    unet = pipe.unet
+    if init_from is None:
+        torch.manual_seed(p.seed)
+        add_lora(unet, p.rank)
+    else:
+        load_lora_into(unet, paths.lora(init_from))
+    trainable = lora_parameters(unet)
+    for q in trainable:
+        q.requires_grad_(True)
+    ac = pipe.scheduler.alphas_cumprod
+    student = Denoiser(unet, ac)
+    teacher = FrozenTeacher(Denoiser(unet, ac))
+    ms = milestones(p.num_segments)
+    distance = make_distance(p, params, paths)
+    prompts = train_prompts(paths)
+    opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)
+    unet, opt = accelerator.prepare(unet, opt)
+    side, ch = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+
+    def step_fn(step: int) -> dict[str, float]:
+        gen = step_generator(p.seed, step)
+        idx = torch.randint(len(prompts), (p.batch_size,), generator=gen)
+        with torch.no_grad():
+            cond = encode_prompts(pipe, [prompts[i] for i in idx])
+        eps = torch.randn((p.batch_size, ch, side, side), generator=gen)
+        if kind == "mlcd":
+            seg = torch.randint(p.num_segments, (p.batch_size,), generator=gen)
+            lo, hi = torch.tensor(ms)[seg], torch.tensor(ms)[seg + 1]
+            t_m = lo + 1 + (torch.rand(p.batch_size, generator=gen) * (hi - lo)).long().clamp(max=(hi - lo - 1))
+            z_tm, z_tn, t_n, t_s = mlcd_pair(teacher, eps, t_m, p.skip, cond, p.guidance_scale, ms)
+            terms = mlcd_terms(student, z_tm, z_tn, t_m, t_n, t_s, cond, distance)
+        else:
+            t_m = torch.tensor(ms)[torch.randint(1, p.num_segments + 1, (p.batch_size,), generator=gen)]
+            noise = torch.randn(eps.shape, generator=gen)
+            terms = ilcd_terms(student, teacher, eps, noise, t_m, p.student_steps_q, p.teacher_steps_p, cond,
+                               p.guidance_scale, ms, distance)
+        ensure_finite(terms, stage, step)
+        loss = terms["consistency"]
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        return {k: v.item() for k, v in terms.items()}
+
+    ckpt = Checkpointer(paths.checkpoints(stage), fingerprint(p, params.teacher, stage, init_from))
+    lora_state = _LoraState(unet)
+    res = run_loop(stage, p.steps, step_fn, {"lora": lora_state, "opt": opt}, ckpt, p.checkpoint_every,
+                   max_minutes=p.max_minutes)
+    info = {"stage": stage, "kind": kind, "init_from": init_from, "teacher": params.teacher.source,
+            "params": p.model_dump(mode="json"), "steps": res.steps_done, "train_seconds": res.seconds,
+            "real_images_used": 0}
+    save_lora(paths.lora(stage), accelerator.unwrap_model(unet), info)
+    metrics = {"steps": res.steps_done, "train_seconds": res.seconds,
+               "final_consistency": res.history[-1]["consistency"] if res.history else None}
+    atomic_write_json(paths.metrics / f"{stage}.json", metrics)
+    log.info("%s: %d steps in %.0fs -> %s", stage, res.steps_done, res.seconds, paths.lora(stage))
+    return metrics
+
+
+class _LoraState:
+    """Checkpoint only the LoRA weights (the frozen teacher is not part of the state)."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def state_dict(self) -> dict:
+        from tlcm.lora_io import lora_state
+
+        return lora_state(self.unet)
+
+    def load_state_dict(self, state: dict) -> None:
+        from peft.utils import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.unet, state, adapter_name="student")

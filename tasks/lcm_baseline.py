@@ -1,0 +1,13 @@
+"""Stage `lcm_baseline`: the comparison row: data-free LCD over the whole range in one segment
+(the paper's L_lcd-s ablation; an LCM-LoRA trained with the same loop, LoRA and budget as `mlcd`)."""
+from __future__ import annotations
+
+from tasks.distill import distill
+from tlcm.params import Params
+from tlcm.paths import Paths
+
+
+def run(params: Params, paths: Paths) -> dict:
+    if params.lcm_baseline.num_segments != 1:
+        raise ValueError("lcm_baseline.num_segments must be 1 (one segment over [0, T] is what makes it LCD)")
+    return distill(params, paths, "lcm_baseline", "mlcd", init_from=None)
