@@ -276,6 +276,13 @@ def test_prefect_deployment_runs_registers_and_caches(stack, project, deployment
     assert len(versions(stack)) == len(before) + 2
     print(f"deployment run 1: {t1:.0f}s, run 2 (cached): {t2:.0f}s")
 
+    # a run that cannot work (unknown preset) fails fast, `--watch` exits 1, nothing is registered
+    r = run([str(BIN / "prefect"), "deployment", "run", "tlcm/full", "--watch", "--watch-interval", "2",
+             "-p", 'preset="nope"', "-p", f"artifacts={json.dumps(str(art))}"], project, deployment, timeout=300)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Failed" in r.stdout + r.stderr
+    assert len(versions(stack)) == len(before) + 2
+
 
 # ---- registry: promotion and concurrency ----------------------------------------------------
 

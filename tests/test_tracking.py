@@ -278,3 +278,28 @@ def test_log_step_outside_a_stage_is_a_no_op(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     tracking.log_step("teacher", 1, {"loss": 1.0})  # no stage context: nothing recorded, no error
     assert tracking.current_stage() is None and not list(tmp_path.iterdir())
+
+
+def test_flow_has_one_retrying_task_per_stage_calling_run_stage(tmp_path, monkeypatch):
+    """The flow's tasks mirror STAGES; each retries (not on permanent errors) and all but
+    register are cached; a task body is run_stage (run here through .fn, no server)."""
+    from prefect.cache_policies import NO_CACHE
+    from prefect.logging import disable_run_logger
+
+    from flows import caching
+    from flows.tlcm import STAGE_TASKS, is_transient, tlcm
+    from tasks.registry import STAGES
+
+    assert tlcm.name == "tlcm" and list(STAGE_TASKS) == list(STAGES) and STAGES[-1] == "register"
+    for name, t in STAGE_TASKS.items():
+        assert t.name == name and t.retries >= 1 and t.retry_condition_fn is is_transient
+        if name == "register":
+            assert t.cache_policy is NO_CACHE
+        else:
+            assert t.cache_key_fn is caching.stage_cache_key
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("TLCM_TRACKING", "0")
+    with disable_run_logger():
+        out = STAGE_TASKS["world"].fn("world", "smoke", str(tmp_path / "art"), str(REPO / "params.yaml"))
+    assert out["n_train"] == load_params(REPO / "params.yaml", "smoke").world.n_train_prompts
+    assert (tmp_path / "art" / "world" / "world.json").is_file()
