@@ -303,3 +303,27 @@ def test_flow_has_one_retrying_task_per_stage_calling_run_stage(tmp_path, monkey
         out = STAGE_TASKS["world"].fn("world", "smoke", str(tmp_path / "art"), str(REPO / "params.yaml"))
     assert out["n_train"] == load_params(REPO / "params.yaml", "smoke").world.n_train_prompts
     assert (tmp_path / "art" / "world" / "world.json").is_file()
+
+
+def test_artifacts_straight_to_s3_and_preflight_on_wrong_keys(s3, mlflow_store, tmp_path, monkeypatch, smoke_params):
+    """An experiment whose artifact root is s3://: the client uploads with boto3 (endpoint and
+    keys from the environment); with a wrong key the pipeline stops before any work, naming
+    the endpoint."""
+    from tasks.registry import run_stage
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tlcm-s3")
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    mlflow_store.create_experiment("tlcm-s3", artifact_location="s3://mlflow/direct")
+    paths = Paths(tmp_path / "art")
+    fake_outputs(paths)
+    with tracking.pipeline_run(smoke_params, paths):
+        rec = run_stage("register", smoke_params, paths)
+    assert rec["source"].startswith("s3://mlflow/direct/")
+    assert any(k.startswith("direct/") and k.endswith("model/README.md") for k in s3.keys("mlflow"))
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(tracking.TrackingError, match=f"S3 endpoint {s3.endpoint} rejected the S3 credentials"):
+        with tracking.pipeline_run(smoke_params, paths):
+            raise AssertionError("preflight should have stopped the run")
