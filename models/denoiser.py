@@ -34,6 +34,11 @@ class Cond:
         m = lambda x: None if x is None else x * k.view(-1, *([1] * (x.ndim - 1)))  # noqa: E731
         return Cond(m(self.prompt_embeds), m(self.pooled), self.time_ids)
 
+    def take(self, idx: torch.Tensor) -> "Cond":
+        """The rows ``idx`` (a sub-batch)."""
+        t = lambda x: None if x is None else x[idx]  # noqa: E731
+        return Cond(t(self.prompt_embeds), t(self.pooled), t(self.time_ids))
+
     def cat(self, other: "Cond") -> "Cond":
         c = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
         return Cond(c(self.prompt_embeds, other.prompt_embeds), c(self.pooled, other.pooled), c(self.time_ids, other.time_ids))

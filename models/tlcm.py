@@ -55,19 +55,19 @@ def teacher_ddim_path(teacher: Denoiser, z: torch.Tensor, t_from: torch.Tensor, 
                       c: Cond, w: float) -> torch.Tensor:
     """``n`` uniform CFG-DDIM steps of the teacher from ``t_from`` to ``t_to`` (per sample; Eq. 8 when n = 1).
 
-    Per-sample step counts are supported by running max(n) steps and holding a sample once it
-    has taken its own n. Times are rounded to integer timesteps.
+    Per-sample step counts: step i runs the UNet only on the samples that still have steps left
+    (MDS with mixed segments costs the mean of L, not its maximum). Times are rounded to integers.
     """
     n = torch.as_tensor(n).expand(z.shape[0]).to(z.device)
     t_from, t_to = t_from.float(), t_to.float()
     dt = (t_from - t_to) / n.clamp(min=1)
+    z = z.clone()
     for i in range(int(n.max())):
-        active = i < n
-        t1 = (t_from - i * dt).round().long()
-        t2 = (t_from - (i + 1) * dt).round().long()
-        eps = teacher.eps_cfg(z, t1.clamp(min=0), c, w)
-        z_next = ddim_step(z, eps, t1, as_solver_t(t2), teacher.alphas_cumprod)
-        z = torch.where(active.view(-1, *([1] * (z.ndim - 1))), z_next, z)
+        idx = (i < n).nonzero().flatten()
+        t1 = (t_from[idx] - i * dt[idx]).round().long()
+        t2 = (t_from[idx] - (i + 1) * dt[idx]).round().long()
+        eps = teacher.eps_cfg(z[idx], t1.clamp(min=0), c.take(idx), w)
+        z[idx] = ddim_step(z[idx], eps, t1, as_solver_t(t2), teacher.alphas_cumprod)
     return z
 
 

@@ -43,6 +43,41 @@ def make_distance(p: ConsistencyParams, params: Params, paths: Paths) -> Callabl
     return lambda x, y: net(x, y).mean()
 
 
+class QuickEval:
+    """Periodic small evaluation (the consistency loss says little about progress, DESIGN §6):
+    alignment accuracy of few-step samples on held-out prompts, judged by the evaluator."""
+
+    def __init__(self, params: Params, paths: Paths, pipe, stage: str, n_prompts: int, steps: tuple[int, ...] = (2, 4)):
+        from diffusers import LCMScheduler
+
+        from models.scheduler import TLCMScheduler
+        from tasks.evaluator import load_evaluator
+        from tasks.world import read_prompts
+
+        self.pipe, self.stage, self.steps = pipe, stage, steps
+        self.specs = read_prompts(paths, "eval")[:n_prompts]
+        self.net = load_evaluator(params, paths)
+        cls = LCMScheduler if params.section(stage).num_segments == 1 else TLCMScheduler
+        self.scheduler = cls.from_config(pipe.scheduler.config)
+        self.history: list[dict] = []
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> dict:
+        from tasks.evaluator import accuracy
+        from tasks.generate import student_samples
+        from tlcm import tracking
+        from tlcm import world as W
+
+        out: dict = {"step": step}
+        for n in self.steps:
+            s = student_samples(self.pipe, [x.caption() for x in self.specs], n, 0, 64, self.scheduler)
+            out[f"eval_alignment_{n}step"] = accuracy(self.net, W.to_unit_tensor(s.images), self.specs)["all"]
+        self.history.append(out)
+        tracking.log_step(self.stage, step, {k: v for k, v in out.items() if k != "step"})
+        log.info("%s: step %d quick eval %s", self.stage, step, {k: round(v, 3) for k, v in out.items() if k != "step"})
+        return out
+
+
 def train_prompts(paths: Paths) -> list[str]:
     from tasks.world import read_prompts
 
@@ -75,8 +110,13 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
     opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)
     unet, opt = accelerator.prepare(unet, opt)
     side, ch = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    quick = None
+    if p.eval_every and params.teacher.source == "train" and (paths.evaluator / "model.safetensors").is_file():
+        quick = QuickEval(params, paths, pipe, stage, p.eval_prompts)
 
     def step_fn(step: int) -> dict[str, float]:
+        if quick is not None and step % p.eval_every == 0:
+            quick(step)
         gen = step_generator(p.seed, step)
         idx = torch.randint(len(prompts), (p.batch_size,), generator=gen)
         with torch.no_grad():
@@ -105,12 +145,15 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
     lora_state = _LoraState(unet)
     res = run_loop(stage, p.steps, step_fn, {"lora": lora_state, "opt": opt}, ckpt, p.checkpoint_every,
                    max_minutes=p.max_minutes)
+    if quick is not None:
+        quick(res.steps_done)
     info = {"stage": stage, "kind": kind, "init_from": init_from, "teacher": params.teacher.source,
             "params": p.model_dump(mode="json"), "steps": res.steps_done, "train_seconds": res.seconds,
             "real_images_used": 0}
     save_lora(paths.lora(stage), accelerator.unwrap_model(unet), info)
     metrics = {"steps": res.steps_done, "train_seconds": res.seconds,
-               "final_consistency": res.history[-1]["consistency"] if res.history else None}
+               "final_consistency": res.history[-1]["consistency"] if res.history else None,
+               "quick_evals": quick.history if quick is not None else []}
     atomic_write_json(paths.metrics / f"{stage}.json", metrics)
     log.info("%s: %d steps in %.0fs -> %s", stage, res.steps_done, res.seconds, paths.lora(stage))
     return metrics

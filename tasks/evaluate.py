@@ -19,7 +19,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from models.evaluator import FeatureExtractor
 from tasks.evaluator import accuracy, load_evaluator, require
-from tasks.generate import Samples, teacher_ddim
+from tasks.generate import Samples, student_samples, teacher_ddim
 from tasks.world import read_prompts
 from tlcm import world as W
 from tlcm.grids import save_grid
@@ -66,8 +66,9 @@ def score(net, row: Row, specs: list[W.Spec], real: np.ndarray, comp_specs: list
 
 COLUMNS = [("method", "method"), ("steps", "steps"), ("alignment", "align."), ("alignment_compositional", "align. (held-out combos)"),
            ("acc_colour", "colour"), ("acc_shape", "shape"), ("acc_size", "size"), ("acc_layout", "position/relation"),
-           ("acc_background", "bg"), ("frechet", "Fréchet"), ("sec_per_image", "s/img"), ("unet_evals", "UNet evals/img"),
-           ("real_images_used", "real images")]
+           ("acc_background", "bg"), ("frechet", "Fréchet"), ("sec_per_image", "s/img"),
+           ("speedup_vs_teacher", "speed-up vs teacher-25"), ("unet_evals", "UNet evals/img"),
+           ("train_cpu_minutes", "train CPU-min"), ("real_images_used", "real images")]
 
 
 def markdown(rows: list[dict], header: str) -> str:
@@ -77,6 +78,53 @@ def markdown(rows: list[dict], header: str) -> str:
     for r in rows:
         lines.append("| " + " | ".join(fmt(r.get(k, "")) for k, _ in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+STUDENT_LABELS = {"lcm_baseline": "LCM-LoRA baseline (LCD, 1 segment)", "mlcd": "TLCM after mlcd",
+                  "ilcd": "TLCM after ilcd"}
+
+
+def student_rows(p) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(stage, row label, step counts) for every student LoRA the benchmark covers."""
+    return [(st, STUDENT_LABELS.get(st, f"TLCM after {st}"), p.lcm_steps if st == "lcm_baseline" else p.student_steps)
+            for st in p.student_stages]
+
+
+def load_student(source: str, lora_dir, stage: str):
+    """The user's way: a fresh teacher pipeline, ``load_lora_weights``, ``fuse_lora`` (merged for speed),
+    and the sampler of that model family (LCMScheduler for the LCM baseline, TLCMScheduler for TLCM)."""
+    from diffusers import LCMScheduler
+
+    from models.scheduler import TLCMScheduler
+    from tlcm.storage import ArtifactError
+
+    if not (lora_dir / "pytorch_lora_weights.safetensors").is_file():
+        raise ArtifactError(f"LoRA not found: {lora_dir}; run `tlcm stage {stage}` first")
+    pipe = load_teacher(source)
+    pipe.load_lora_weights(lora_dir)
+    pipe.fuse_lora()
+    cls = LCMScheduler if stage == "lcm_baseline" else TLCMScheduler
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def _add_speedups(table: list[dict]) -> None:
+    ref = next((r for r in table if r["method"].startswith("teacher") and r["steps"] == max(
+        x["steps"] for x in table if x["method"].startswith("teacher"))), None)
+    for r in table:
+        if ref and r.get("sec_per_image"):
+            r["speedup_vs_teacher"] = ref["sec_per_image"] / r["sec_per_image"]
+
+
+def _training_minutes(paths: Paths, stages: list[str]) -> dict[str, float]:
+    out = {}
+    for st in stages:
+        f = paths.metrics / f"{st}.json"
+        if f.is_file():
+            sec = json.loads(f.read_text()).get("train_seconds")
+            if sec is not None:
+                out[st] = sec / 60 * torch.get_num_threads()
+    return out
 
 
 @torch.no_grad()
@@ -90,23 +138,39 @@ def run(params: Params, paths: Paths) -> dict:
     real = W.render_batch(specs, p.seed + 11, wp.image_size)
     real2 = W.render_batch(specs, p.seed + 12, wp.image_size)
 
-    pipe = load_teacher(resolve_teacher(params.teacher.source, paths.teacher))
+    source = resolve_teacher(params.teacher.source, paths.teacher)
+    pipe = load_teacher(source)
+    assert not getattr(pipe.unet, "peft_config", None), "teacher rows must run without any adapter"
     rows: list[Row] = []
     for n in p.teacher_steps:
         log.info("evaluate: teacher DDIM %d steps, w=%s, %d prompts", n, p.guidance_scale, len(prompts))
         rows.append(Row("teacher DDIM + CFG", n, p.guidance_scale,
                         teacher_ddim(pipe, prompts, n, p.guidance_scale, p.seed, p.batch_size),
                         teacher_ddim(pipe, comp_prompts, n, p.guidance_scale, p.seed, p.batch_size)))
+    for stage, label, steps in student_rows(p):
+        student = load_student(source, paths.lora(stage), stage)
+        for n in steps:
+            log.info("evaluate: %s %d steps (LoRA fused), %d prompts", label, n, len(prompts))
+            rows.append(Row(label, n, 1.0, student_samples(student, prompts, n, p.seed, p.batch_size, student.scheduler),
+                            student_samples(student, comp_prompts, n, p.seed, p.batch_size, student.scheduler)))
 
     real_row = {"method": "real renders (reference)", "steps": 0, "real_images_used": 0,
                 "alignment": accuracy(net, W.to_unit_tensor(real), specs)["all"],
                 "frechet": frechet_distance(net, real, real2)}
     table = [real_row] + [score(net, r, specs, real, comp) for r in rows]
+    _add_speedups(table)
+    cpu_min = _training_minutes(paths, ["lcm_baseline", "mlcd", "ilcd"])
+    for r in table:
+        for st, label, _ in student_rows(p):
+            if r["method"] == label:
+                r["train_cpu_minutes"] = sum(v for k, v in cpu_min.items()
+                                             if k == st or (st == "ilcd" and k == "mlcd"))
     meta = {"preset": params.preset, "n_prompts": len(prompts), "n_compositional": len(comp_prompts),
             "batch_size": p.batch_size, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
             "teacher": params.teacher.source}
+    short = {"teacher DDIM + CFG": "teacher"} | {label: st for st, label, _ in student_rows(p)}
     grid_rows = [("real render", real[: p.grid_prompts])] + [
-        (f"{r.method.split()[0]} {r.steps} st", r.samples.images[: p.grid_prompts]) for r in rows]
+        (f"{short.get(r.method, r.method)} {r.steps} st", r.samples.images[: p.grid_prompts]) for r in rows]
     with atomic_dir(paths.benchmark) as out:
         (out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2))
         (out / "benchmark.md").write_text(markdown(table, f"Benchmark ({params.preset}; {len(prompts)} held-out prompts; "

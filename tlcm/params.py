@@ -98,6 +98,9 @@ class EvaluateParams(Section):
     batch_size: int = Field(64, gt=0)
     guidance_scale: float = Field(5.0, ge=0)
     teacher_steps: tuple[int, ...] = (25, 2, 4, 8)
+    student_stages: tuple[str, ...] = Field((), description="LoRA stages to benchmark, e.g. [lcm_baseline, mlcd, ilcd]")
+    student_steps: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    lcm_steps: tuple[int, ...] = (2, 4, 8)
     grid_prompts: int = Field(16, gt=0)
 
 
@@ -115,6 +118,45 @@ class RegisterParams(Section):
     gates: GateParams = GateParams()
 
 
+class BappsParams(Section):
+    source: str = Field("synthetic", description="'synthetic' writes a shapes-world BAPPS; else the root of a real BAPPS copy")
+    seed: int = 5
+    n_train: int = Field(6000, gt=0)
+    n_val: int = Field(1000, gt=0)
+    judges: int = Field(5, gt=0, description="simulated votes per triplet (BAPPS: 2 train, 5 val)")
+    oracle_temperature: float = Field(0.03, gt=0, description="SSIM-difference scale of a judge's preference")
+
+
+class LatentLpipsParams(Section):
+    seed: int = 6
+    width_divisor: int = Field(8, gt=0, description="VGG-16 channel widths divided by this (1 = full VGG-16)")
+    steps: int = Field(1500, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    max_train_triplets: int = Field(0, ge=0, description="read at most this many BAPPS train triplets (0 = all)")
+    checkpoint_every: int = Field(500, gt=0)
+    max_minutes: float = Field(0.0, ge=0)
+
+
+class ConsistencyParams(Section):
+    """Shared by `mlcd`, `ilcd` and `lcm_baseline` (same loop, different sections)."""
+    seed: int = 7
+    rank: int = Field(16, gt=0)
+    num_segments: int = Field(8, gt=0, description="M; 1 gives plain LCD over [0, T] (the LCM baseline)")
+    skip: int = Field(20, gt=0, description="MLCD: t_m - t_n")
+    guidance_scale: float = Field(5.0, ge=0, description="CFG w of the teacher solver (sdxl: 8.0)")
+    loss: Literal["mse", "lpips"] = "lpips"
+    steps: int = Field(600, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    teacher_steps_p: int = Field(3, gt=0, description="iLCD: p teacher DDIM steps over one segment")
+    student_steps_q: int = Field(4, gt=0, description="iLCD: q student steps that make ẑ0")
+    eval_every: int = Field(200, ge=0, description="small evaluation every N steps (0 = off); the loss says little")
+    eval_prompts: int = Field(64, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
+    max_minutes: float = Field(0.0, ge=0)
+
+
 # `register` (the stage) shadows ABCMeta.register on the class; harmless for a field, so silence pydantic.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -125,6 +167,11 @@ with warnings.catch_warnings():
         evaluator: EvaluatorParams = EvaluatorParams()
         autoencoder: AutoencoderParams = AutoencoderParams()
         teacher: TeacherParams = TeacherParams()
+        bapps: BappsParams = BappsParams()
+        latent_lpips: LatentLpipsParams = LatentLpipsParams()
+        mlcd: ConsistencyParams = ConsistencyParams()
+        ilcd: ConsistencyParams = ConsistencyParams(steps=200, lr=1e-5)
+        lcm_baseline: ConsistencyParams = ConsistencyParams(num_segments=1)
         evaluate: EvaluateParams = EvaluateParams()
         register: RegisterParams = RegisterParams()
 

@@ -1,0 +1,98 @@
+"""lcm_baseline -> mlcd -> ilcd -> evaluate on the smoke preset (latent MSE distance), and the LoRA they publish."""
+import json
+
+import pytest
+import torch
+
+from tlcm.storage import ArtifactError
+
+
+@pytest.fixture(scope="module")
+def distilled(smoke_artifacts, smoke_params):
+    from tasks.registry import run_stage
+
+    upd = {k: smoke_params.section(k).model_copy(update={"loss": "mse"}) for k in ("lcm_baseline", "mlcd", "ilcd")}
+    params = smoke_params.model_copy(update=upd)
+    for stage in ("lcm_baseline", "mlcd", "ilcd"):
+        run_stage(stage, params, smoke_artifacts)
+    return params, smoke_artifacts
+
+
+def test_stages_publish_loadable_loras_and_metrics(distilled):
+    params, paths = distilled
+    for stage in ("lcm_baseline", "mlcd", "ilcd"):
+        meta = json.loads((paths.lora(stage) / "tlcm_lora.json").read_text())
+        assert meta["real_images_used"] == 0 and meta["rank"] == meta["lora_alpha"] == params.section(stage).rank
+        m = json.loads((paths.metrics / f"{stage}.json").read_text())
+        assert m["steps"] == params.section(stage).steps and m["final_consistency"] >= 0
+    assert json.loads((paths.lora("ilcd") / "tlcm_lora.json").read_text())["init_from"] == "mlcd"
+
+
+def test_ilcd_continues_the_mlcd_lora(distilled):
+    """iLCD starts from MLCD's weights (one unified LoRA): with lr 0 it would reproduce them exactly."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from models.lora import lora_parameters
+    from tlcm.lora_io import load_lora_into
+
+    _, paths = distilled
+    a = StableDiffusionXLPipeline.from_pretrained(paths.teacher)
+    b = StableDiffusionXLPipeline.from_pretrained(paths.teacher)
+    load_lora_into(a.unet, paths.lora("mlcd"))
+    load_lora_into(b.unet, paths.lora("ilcd"))
+    diffs = [(x - y).abs().max().item() for x, y in zip(lora_parameters(a.unet), lora_parameters(b.unet))]
+    assert max(diffs) > 0  # trained further ...
+    assert max(diffs) < 0.05  # ... from the same starting point (3 steps of small lr)
+
+
+def test_evaluate_adds_student_rows(distilled):
+    from tasks.registry import run_stage
+
+    params, paths = distilled
+    run_stage("evaluate", params, paths)
+    rows = json.loads((paths.benchmark / "benchmark.json").read_text())["rows"]
+    by = {(r["method"], r["steps"]) for r in rows}
+    for n in params.evaluate.student_steps:
+        assert ("TLCM after mlcd", n) in by and ("TLCM after ilcd", n) in by
+    for n in params.evaluate.lcm_steps:
+        assert ("LCM-LoRA baseline (LCD, 1 segment)", n) in by
+    tl = next(r for r in rows if r["method"] == "TLCM after ilcd")
+    assert tl["unet_evals"] == tl["steps"] and tl["real_images_used"] == 0 and tl["speedup_vs_teacher"] > 0
+    assert tl["train_cpu_minutes"] > 0
+
+
+def test_ilcd_without_mlcd_lora_says_what_to_run(smoke_artifacts, smoke_params, tmp_path):
+    from tasks.ilcd import run
+    from tlcm.paths import Paths
+
+    empty = Paths(tmp_path)
+    for d in ("teacher", "world"):
+        (tmp_path / d).symlink_to(getattr(smoke_artifacts, d))
+    params = smoke_params.model_copy(update={"ilcd": smoke_params.ilcd.model_copy(update={"loss": "mse"})})
+    with pytest.raises(ArtifactError, match="lora_mlcd"):
+        run(params, empty)
+
+
+def test_nan_in_distillation_keeps_last_good_checkpoint(smoke_artifacts, smoke_params, tmp_path, monkeypatch):
+    """A NaN loss stops the stage with a message; the checkpoint on disk is the last finite one."""
+    import tasks.distill as D
+    from tlcm.paths import Paths
+    from tlcm.training import NonFiniteLoss
+
+    paths = Paths(tmp_path)
+    for d in ("teacher", "world", "evaluator"):
+        (tmp_path / d).symlink_to(getattr(smoke_artifacts, d))
+    calls = {"n": 0}
+
+    def poisoned(x, y):
+        calls["n"] += 1
+        d = torch.nn.functional.mse_loss(x, y)
+        return d * float("nan") if calls["n"] == 3 else d
+
+    monkeypatch.setattr(D, "mse_distance", poisoned)
+    p = smoke_params.mlcd.model_copy(update={"loss": "mse", "steps": 6, "checkpoint_every": 2})
+    with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
+        D.distill(smoke_params.model_copy(update={"mlcd": p}), paths, "mlcd", "mlcd", None)
+    latest = json.loads((paths.checkpoints("mlcd") / "latest.json").read_text())
+    assert latest["step"] == 2
+    assert not paths.lora("mlcd").exists()
