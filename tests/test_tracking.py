@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import REPO
-from s3server import S3_KEY, S3_SECRET, SeaweedS3, free_port
+from servers import S3_KEY, S3_SECRET, SeaweedS3, fake_outputs, free_port
 
 from tlcm import tracking
 from tlcm.params import load_params
@@ -25,21 +25,6 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tlcm-test")
     monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
     yield tracking.client()
-
-
-def fake_outputs(paths: Paths, alignment: float = 0.8, frechet: float = 2.0) -> None:
-    """A final artifact folder and a benchmark, as the evaluate stage writes them."""
-    (paths.teacher / "unet").mkdir(parents=True)
-    (paths.teacher / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
-    (paths.teacher / "unet" / "config.json").write_text("{}")
-    paths.benchmark.mkdir(parents=True)
-    rows = [{"method": "real renders (reference)", "steps": 0, "alignment": 0.9, "frechet": 1.0},
-            {"method": "teacher DDIM + CFG", "steps": 4, "alignment": alignment, "frechet": frechet,
-             "sec_per_image": 0.5, "unet_evals": 8},
-            {"method": "teacher DDIM + CFG", "steps": 2, "alignment": alignment / 2, "frechet": frechet * 2,
-             "sec_per_image": 0.3, "unet_evals": 4}]
-    (paths.benchmark / "benchmark.json").write_text(json.dumps({"meta": {}, "rows": rows}))
-    (paths.benchmark / "benchmark.md").write_text("| method |\n")
 
 
 def test_plain_stage_calls_do_not_touch_mlflow(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
-"""Helpers for tests that start real local servers: free ports, a SeaweedFS S3 server, and
-stopping a server process (SIGINT, then SIGKILL)."""
+"""Helpers for tests that start real local servers: free ports, a SeaweedFS S3 server,
+stopping a server process (SIGINT, then SIGKILL); and fake stage outputs to register."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -110,3 +111,18 @@ class SeaweedS3:
             if not r.get("IsTruncated"):
                 return out
             token = r["NextContinuationToken"]
+
+
+def fake_outputs(paths, alignment: float = 0.8, frechet: float = 2.0) -> None:
+    """A final artifact folder and a benchmark, shaped as the teacher and evaluate stages write them."""
+    (paths.teacher / "unet").mkdir(parents=True)
+    (paths.teacher / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    (paths.teacher / "unet" / "config.json").write_text("{}")
+    paths.benchmark.mkdir(parents=True)
+    rows = [{"method": "real renders (reference)", "steps": 0, "alignment": 0.9, "frechet": 1.0},
+            {"method": "teacher DDIM + CFG", "steps": 4, "alignment": alignment, "frechet": frechet,
+             "sec_per_image": 0.5, "unet_evals": 8},
+            {"method": "teacher DDIM + CFG", "steps": 2, "alignment": alignment / 2, "frechet": frechet * 2,
+             "sec_per_image": 0.3, "unet_evals": 4}]
+    (paths.benchmark / "benchmark.json").write_text(json.dumps({"meta": {}, "rows": rows}))
+    (paths.benchmark / "benchmark.md").write_text("| method |\n")
