@@ -91,21 +91,11 @@ def student_rows(p) -> list[tuple[str, str, tuple[int, ...]]]:
 
 
 def load_student(source: str, lora_dir, stage: str):
-    """The user's way: a fresh teacher pipeline, ``load_lora_weights``, ``fuse_lora`` (merged for speed),
-    and the sampler of that model family (LCMScheduler for the LCM baseline, TLCMScheduler for TLCM)."""
-    from diffusers import LCMScheduler
+    """The user's way (tasks.generate.load_student_pipe): fresh teacher, LoRA loaded and fused, and the
+    sampler of that model family (LCMScheduler for the LCM baseline, TLCMScheduler for TLCM)."""
+    from tasks.generate import load_student_pipe
 
-    from models.scheduler import TLCMScheduler
-    from tlcm.storage import ArtifactError
-
-    if not (lora_dir / "pytorch_lora_weights.safetensors").is_file():
-        raise ArtifactError(f"LoRA not found: {lora_dir}; run `tlcm stage {stage}` first")
-    pipe = load_teacher(source)
-    pipe.load_lora_weights(lora_dir)
-    pipe.fuse_lora()
-    cls = LCMScheduler if stage == "lcm_baseline" else TLCMScheduler
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    return pipe
+    return load_student_pipe(source, lora_dir, "lcm" if stage == "lcm_baseline" else "tlcm")
 
 
 def _add_speedups(table: list[dict]) -> None:

@@ -66,9 +66,46 @@ def student_samples(pipe, prompts: list[str], steps: int, seed: int, batch_size:
     return Samples(np.concatenate(out), dt / len(prompts), unet_evals(steps, 1.0))
 
 
+def resolve_lora(ref: str) -> Path:
+    """A LoRA folder from a path, or from an MLflow URI (``models:/<name>@champion``, ``runs:/<id>/model``)."""
+    if ref.startswith(("models:/", "runs:/")):
+        import tempfile
+
+        import mlflow
+
+        from tlcm import tracking
+
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tempfile.mkdtemp(prefix="tlcm-lora-")))
+    return Path(ref)
+
+
+def load_student_pipe(teacher: str, lora: str | Path, scheduler: str = "tlcm"):
+    """The user's way to sample a TLCM LoRA: teacher + ``load_lora_weights`` + ``fuse_lora`` + TLCMScheduler."""
+    from diffusers import LCMScheduler
+
+    from models.scheduler import TLCMScheduler
+    from tlcm.storage import ArtifactError
+
+    folder = resolve_lora(str(lora))
+    if not (folder / "pytorch_lora_weights.safetensors").is_file():
+        raise ArtifactError(f"LoRA not found: no pytorch_lora_weights.safetensors in {folder}")
+    pipe = load_teacher(teacher)
+    pipe.load_lora_weights(folder)
+    pipe.fuse_lora()
+    pipe.scheduler = (LCMScheduler if scheduler == "lcm" else TLCMScheduler).from_config(pipe.scheduler.config)
+    return pipe
+
+
 def generate(params: Params, paths: Paths, prompts: list[str], steps: int, guidance: float | None, seed: int,
-             teacher: str | None, out: Path) -> Path:
-    pipe = load_teacher(teacher or resolve_teacher(params.teacher.source, paths.teacher))
+             teacher: str | None, out: Path, lora: str | None = None) -> Path:
+    """Teacher DDIM + CFG, or with ``lora`` the few-step student (TLCMScheduler, CFG off); a PNG grid."""
+    source = teacher or resolve_teacher(params.teacher.source, paths.teacher)
+    if lora is not None:
+        pipe = load_student_pipe(source, lora)
+        s = student_samples(pipe, prompts, steps, seed, params.evaluate.batch_size, pipe.scheduler)
+        return save_grid([(f"TLCM {steps} steps", s.images)], out)
+    pipe = load_teacher(source)
     w = params.evaluate.guidance_scale if guidance is None else guidance
     s = teacher_ddim(pipe, prompts, steps, w, seed, params.evaluate.batch_size)
     return save_grid([(f"teacher {steps} steps w={w}", s.images)], out)

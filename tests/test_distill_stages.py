@@ -96,3 +96,14 @@ def test_nan_in_distillation_keeps_last_good_checkpoint(smoke_artifacts, smoke_p
     latest = json.loads((paths.checkpoints("mlcd") / "latest.json").read_text())
     assert latest["step"] == 2
     assert not paths.lora("mlcd").exists()
+
+
+def test_cli_generate_with_a_lora_folder(distilled, tmp_path):
+    from conftest import run_cli
+
+    _, paths = distilled
+    out = tmp_path / "tlcm.png"
+    r = run_cli("generate", "--preset", "smoke", "--artifacts", str(paths.root), "--lora", str(paths.lora("ilcd")),
+                "--steps", "2", "--prompt", "a small red cross on the left on a black background", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_size > 100

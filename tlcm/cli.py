@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=float, default=None, help="CFG weight (default: evaluate.guidance_scale)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--teacher", default=None, help="teacher hub id or folder (default: from params)")
+    g.add_argument("--lora", default=None, help="a TLCM LoRA folder or MLflow URI (models:/tlcm-shapes@champion): "
+                   "samples the student with TLCMScheduler, CFG off")
     g.add_argument("--out", default="samples.png")
 
     pp = sub.add_parser("params", help="print the resolved params (after the preset overlay)")
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "generate":
             from tasks.generate import generate
 
-            out = generate(params, paths, args.prompt, args.steps, args.guidance, args.seed, args.teacher, Path(args.out))
+            out = generate(params, paths, args.prompt, args.steps, args.guidance, args.seed, args.teacher, Path(args.out),
+                           args.lora)
             print(out)
         return 0
     except (ParamsError, ArtifactError, NonFiniteLoss, TrackingError, PromotionRefused) as e:
