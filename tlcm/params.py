@@ -121,7 +121,7 @@ class RegisterParams(Section):
 class BappsParams(Section):
     source: str = Field("synthetic", description="'synthetic' writes a shapes-world BAPPS; else the root of a real BAPPS copy")
     seed: int = 5
-    n_train: int = Field(6000, gt=0)
+    n_train: int = Field(4000, gt=0)
     n_val: int = Field(1000, gt=0)
     judges: int = Field(5, gt=0, description="simulated votes per triplet (BAPPS: 2 train, 5 val)")
     oracle_temperature: float = Field(0.03, gt=0, description="SSIM-difference scale of a judge's preference")
@@ -130,11 +130,11 @@ class BappsParams(Section):
 class LatentLpipsParams(Section):
     seed: int = 6
     width_divisor: int = Field(8, gt=0, description="VGG-16 channel widths divided by this (1 = full VGG-16)")
-    steps: int = Field(1500, gt=0)
+    steps: int = Field(350, gt=0)
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
     max_train_triplets: int = Field(0, ge=0, description="read at most this many BAPPS train triplets (0 = all)")
-    checkpoint_every: int = Field(500, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
     max_minutes: float = Field(0.0, ge=0)
 
 
