@@ -40,6 +40,26 @@ def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
         proc.wait(10)
 
 
+def stop_all(procs: list[subprocess.Popen | None], grace: float = 10.0) -> None:
+    """SIGINT every process group at once, wait up to ``grace`` s in total, SIGKILL the rest."""
+    live = [p for p in procs if p is not None and p.poll() is None]
+    for p in live:
+        try:
+            os.killpg(p.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    for p in live:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(10)
+
+
 def start(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     """Start a server in its own process group, at the lowest CPU priority, logging to ``log``."""
     return subprocess.Popen(["nice", "-n", "19", *cmd], stdout=open(log, "w"), stderr=subprocess.STDOUT,

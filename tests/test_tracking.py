@@ -133,6 +133,8 @@ def test_register_versions_with_model_card_and_promotion_gates(mlflow_store, tmp
         "gates": strict.register.gates.model_copy(update={"max_frechet": 1.0, "steps": 2})})})
     with pytest.raises(PromotionRefused, match=r"frechet 6.0000 > max_frechet 1.0 \('teacher DDIM \+ CFG' @ 2 steps\)"):
         promote(2, tight)
+    with pytest.raises(tracking.TrackingError, match=f"no version 9 of registered model '{name}'"):
+        promote(9, smoke_params)
 
 
 def test_tracking_off_registers_nothing(tmp_path, monkeypatch, smoke_params):
