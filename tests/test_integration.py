@@ -95,7 +95,7 @@ class Stack:
                    self.root / "prefect-server.log")
 
     def stop(self) -> None:
-        stop_all([self.worker, *self.procs, self.s3.proc], grace=15)
+        stop_all([self.worker, *self.procs, self.s3.proc], grace=10)
 
 
 @pytest.fixture(scope="module")
