@@ -33,9 +33,13 @@ class PromotionRefused(RuntimeError):
     """A version's benchmark fails the promotion gates (the message has the numbers)."""
 
 
+SHIPPED_STAGE = "ilcd"  # the last stage that trains the unified LoRA
+
+
 def final_artifact(paths: Paths) -> Path:
-    """The folder this pipeline ships. Today the teacher; the LoRA stage will return its folder."""
-    return paths.teacher
+    """The folder this pipeline ships: the unified TLCM LoRA after its last training stage
+    (a diffusers LoRA folder: ``pipe.load_lora_weights(folder)``)."""
+    return paths.lora(SHIPPED_STAGE)
 
 
 def _benchmark(paths: Paths) -> dict:
