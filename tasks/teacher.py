@@ -94,6 +94,8 @@ def run(params: Params, paths: Paths) -> dict:
         cond = encode_prompts(pipe, [s.caption() for s in specs]).masked(keep)
         t = torch.randint(0, 1000, (len(specs),), generator=gen)
         eps = torch.randn(z0.shape, generator=gen)
+        if p.offset_noise:  # per-channel constant offset: lets the model move an image's mean (dark/bright scenes)
+            eps = eps + p.offset_noise * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
         pred = model.eps(q_sample(z0, eps, t, model.alphas_cumprod), t, cond)
         per_sample = F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))
         terms = {"eps_mse": per_sample.mean()}
