@@ -2,6 +2,7 @@
 stopping a server process (SIGINT, then SIGKILL); and fake stage outputs to register."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -24,39 +25,22 @@ def free_port() -> int:
 
 def stop(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
     """SIGINT the process group, wait ``grace`` s, then SIGKILL it."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGINT)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
+    stop_all([proc], grace)
 
 
 def stop_all(procs: list[subprocess.Popen | None], grace: float = 10.0) -> None:
     """SIGINT every process group at once, wait up to ``grace`` s in total, SIGKILL the rest."""
     live = [p for p in procs if p is not None and p.poll() is None]
     for p in live:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # already gone
             os.killpg(p.pid, signal.SIGINT)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + grace
     for p in live:
         try:
             p.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             p.wait(10)
 
 
