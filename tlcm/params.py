@@ -158,6 +158,93 @@ class ConsistencyParams(Section):
     max_minutes: float = Field(0.0, ge=0)
 
 
+class RewardParams(Section):
+    """The reward model with the MPS interface: trained in the shapes world, or a real MPS checkpoint."""
+    source: str = Field("train", description="'train' = the shapes-world reward model; else a local MPS checkpoint "
+                                             "(.safetensors from `tlcm convert-mps`, or the released .pth with trust_pickled)")
+    trust_pickled: bool = Field(False, description="allow torch.load(weights_only=False) of a pickled MPS module")
+    seed: int = 8
+    width: int = Field(32, gt=0)
+    steps: int = Field(600, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    n_val_pairs: int = Field(2000, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+    max_minutes: float = Field(0.0, ge=0)
+
+
+class MpsParams(Section):
+    """Stage `mps` (Eq. 11) on top of the iLCD LoRA: L = w_c L_ilcd + w_mps L_mps."""
+    enabled: bool = Field(True, description="false: the stage passes its input LoRA through unchanged (ablation)")
+    seed: int = 9
+    condition: str = Field("overall", description="MPS condition the reward is asked under")
+    margin: float | None = Field(None, description="s0 of Eq. 11; null = the reward model's mean score on clean, "
+                                                    "aligned renders (shapes world); sdxl: 16 (MPS's scale)")
+    mps_weight: float = Field(1.0, ge=0)
+    consistency_weight: float = Field(1.0, ge=0, description="weight of the iLCD consistency term kept alongside")
+    guidance_scale: float = Field(5.0, ge=0)
+    teacher_steps_p: int = Field(3, gt=0)
+    student_steps_q: int = Field(4, gt=0)
+    loss: Literal["mse", "lpips"] = "lpips"
+    steps: int = Field(500, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    eval_every: int = Field(0, ge=0)
+    eval_prompts: int = Field(64, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    max_minutes: float = Field(0.0, ge=0)
+
+
+class DmganParams(Section):
+    """Stage `dmgan` (Eq. 12–13): data-free distribution matching + adversarial loss on the unified LoRA."""
+    enabled: bool = Field(True, description="false: the stage passes its input LoRA through unchanged (ablation)")
+    seed: int = 10
+    dm_weight: float = Field(1.0, ge=0, description="0 switches distribution matching off")
+    gan_weight: float = Field(0.1, ge=0, description="0 switches the adversarial loss off")
+    consistency_weight: float = Field(1.0, ge=0)
+    guidance_scale: float = Field(5.0, ge=0, description="CFG w of the real score (sdxl: 8.0)")
+    fake_rank: int = Field(16, gt=0, description="rank of the fake-score LoRA adapter")
+    fake_lr: float = Field(1e-4, gt=0)
+    disc_lr: float = Field(1e-4, gt=0)
+    disc_tune: Literal["frozen", "lora"] = Field("frozen", description="teacher encoder in the discriminator")
+    gan_loss: Literal["nonsaturating", "hinge"] = "nonsaturating"
+    critic_updates: int = Field(1, gt=0, description="fake-score + discriminator updates per generator update")
+    dm_t_min: int = Field(20, ge=0)
+    dm_t_max: int = Field(980, gt=0)
+    gan_t_max: int = Field(750, gt=0, description="t' for the discriminator's forward diffusion, U[0, gan_t_max)")
+    collapse_window: int = Field(20, gt=0, description="steps of discriminator accuracy 1.0 that count as a collapse")
+    teacher_steps_p: int = Field(3, gt=0)
+    student_steps_q: int = Field(4, gt=0)
+    loss: Literal["mse", "lpips"] = "lpips"
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(4, gt=0)
+    lr: float = Field(1e-5, gt=0)
+    eval_every: int = Field(0, ge=0)
+    eval_prompts: int = Field(64, gt=0)
+    checkpoint_every: int = Field(50, gt=0)
+    max_minutes: float = Field(0.0, ge=0)
+
+
+class PromptsParams(Section):
+    """Where the data-free stages get their prompts (the only training data TLCM needs)."""
+    source: str = Field("world", description="'world' = shapes-world train prompts; else a local .txt (one per line), "
+                                             ".jsonl or .parquet file of captions (e.g. LAION-Aesthetics 6+)")
+    caption_key: str = Field("caption", description="field/column holding the caption in .jsonl/.parquet files")
+    limit: int = Field(0, ge=0, description="use at most this many prompts (0 = all)")
+
+
+class SuiteParams(Section):
+    """The paper's Table 1 evaluation suite for real teachers (unused in the shapes world). Local paths only."""
+    coco_captions: str | None = Field(None, description="MSCOCO-2017 annotations/captions_val2017.json")
+    coco_images: str | None = Field(None, description="MSCOCO-2017 val2017/ image folder (FID reference)")
+    n_images: int = Field(5000, gt=0)
+    clip_model: str | None = Field(None, description="CLIP ViT-g/14 folder or hub id (laion/CLIP-ViT-g-14-laion2B-s12B-b42K)")
+    aesthetic_clip: str | None = Field(None, description="CLIP ViT-L/14 folder or hub id (openai/clip-vit-large-patch14)")
+    aesthetic_head: str | None = Field(None, description="LAION aesthetic predictor MLP weights (sac+logos+ava1-l14-linearMSE)")
+    image_reward: str | None = Field(None, description="ImageReward checkpoint folder (ImageReward.pt + med_config.json)")
+    batch_size: int = Field(8, gt=0)
+
+
 # `register` (the stage) shadows ABCMeta.register on the class; harmless for a field, so silence pydantic.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
@@ -173,7 +260,12 @@ with warnings.catch_warnings():
         mlcd: ConsistencyParams = ConsistencyParams()
         ilcd: ConsistencyParams = ConsistencyParams(steps=200, lr=1e-5)
         lcm_baseline: ConsistencyParams = ConsistencyParams(num_segments=1)
+        prompts: PromptsParams = PromptsParams()
+        reward: RewardParams = RewardParams()
+        mps: MpsParams = MpsParams()
+        dmgan: DmganParams = DmganParams()
         evaluate: EvaluateParams = EvaluateParams()
+        suite: SuiteParams = SuiteParams()
         register: RegisterParams = RegisterParams()
 
         def section(self, name: str) -> Section:

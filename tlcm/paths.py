@@ -29,6 +29,10 @@ class Paths:
         return self.root / "evaluator"
 
     @property
+    def reward(self) -> Path:
+        return self.root / "reward"
+
+    @property
     def teacher(self) -> Path:
         return self.root / "teacher"
 
