@@ -116,15 +116,28 @@ def student_sample_x0(student: Denoiser, eps: torch.Tensor, q: int, c: Cond, T: 
     return x0
 
 
+def ilcd_inputs(student: Denoiser, eps: torch.Tensor, noise: torch.Tensor, t_m: torch.Tensor, q: int, c: Cond
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 9 (no grad): ẑ_0 = TLCM(ε, T, c) by q student steps, and ẑ_{t_m} = FD(ẑ_0, t_m)."""
+    with torch.no_grad():
+        z0 = student_sample_x0(student, eps, q, c)
+        return z0, q_sample(z0, noise, t_m, student.alphas_cumprod)
+
+
+def ilcd_target(student: Denoiser, teacher: Denoiser, z_tm: torch.Tensor, t_m: torch.Tensor, p: int, c: Cond, w: float,
+                ms: list[int]) -> torch.Tensor:
+    """Eq. 10's target (no grad): ẑ_{t_n} by p teacher CFG-DDIM steps over one segment, then nograd f_θ(ẑ_{t_n})."""
+    with torch.no_grad():
+        t_n = lower_milestone(t_m, ms)
+        z_tn = teacher_ddim_path(teacher, z_tm, t_m, t_n, p, c, w)
+        return f_theta_x0(student, z_tn, t_n, c)
+
+
 def ilcd_terms(student: Denoiser, teacher: Denoiser, eps: torch.Tensor, noise: torch.Tensor, t_m: torch.Tensor, q: int,
                p: int, c: Cond, w: float, ms: list[int], distance) -> dict[str, torch.Tensor]:
     """Algorithm 2 / Eq. 10: ẑ_{t_m} = FD(nograd ẑ_0, t_m) (Eq. 9); ẑ_{t_n} by p teacher CFG-DDIM steps over
     one segment; loss d(f_θ(ẑ_{t_m}), nograd f_θ(ẑ_{t_n})) on x̂_0, f at t = 0 the identity."""
-    with torch.no_grad():
-        z0 = student_sample_x0(student, eps, q, c)
-        z_tm = q_sample(z0, noise, t_m, student.alphas_cumprod)
-        t_n = lower_milestone(t_m, ms)
-        z_tn = teacher_ddim_path(teacher, z_tm, t_m, t_n, p, c, w)
-        target = f_theta_x0(student, z_tn, t_n, c)
+    _, z_tm = ilcd_inputs(student, eps, noise, t_m, q, c)
+    target = ilcd_target(student, teacher, z_tm, t_m, p, c, w, ms)
     pred = f_theta_x0(student, z_tm, t_m, c)
     return {"consistency": distance(pred, target)}

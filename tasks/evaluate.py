@@ -66,7 +66,7 @@ def score(net, row: Row, specs: list[W.Spec], real: np.ndarray, comp_specs: list
 
 COLUMNS = [("method", "method"), ("steps", "steps"), ("alignment", "align."), ("alignment_compositional", "align. (held-out combos)"),
            ("acc_colour", "colour"), ("acc_shape", "shape"), ("acc_size", "size"), ("acc_layout", "position/relation"),
-           ("acc_background", "bg"), ("frechet", "Fréchet"), ("sec_per_image", "s/img"),
+           ("acc_background", "bg"), ("frechet", "Fréchet"), ("reward", "reward"), ("sec_per_image", "s/img"),
            ("speedup_vs_teacher", "speed-up vs teacher-25"), ("unet_evals", "UNet evals/img"),
            ("train_cpu_minutes", "train CPU-min"), ("real_images_used", "real images")]
 
@@ -81,7 +81,10 @@ def markdown(rows: list[dict], header: str) -> str:
 
 
 STUDENT_LABELS = {"lcm_baseline": "LCM-LoRA baseline (LCD, 1 segment)", "mlcd": "TLCM after mlcd",
-                  "ilcd": "TLCM after ilcd"}
+                  "ilcd": "TLCM after ilcd", "mps": "TLCM after mps", "dmgan": "TLCM after dmgan"}
+# the distillation stages whose training a row's LoRA has been through (for "train CPU-min")
+LINEAGE = {"lcm_baseline": ("lcm_baseline",), "mlcd": ("mlcd",), "ilcd": ("mlcd", "ilcd"),
+           "mps": ("mlcd", "ilcd", "mps"), "dmgan": ("mlcd", "ilcd", "mps", "dmgan")}
 
 
 def student_rows(p) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -117,6 +120,18 @@ def _training_minutes(paths: Paths, stages: list[str]) -> dict[str, float]:
     return out
 
 
+def reward_scores(params: Params, paths: Paths, table: list[dict], images: list[np.ndarray], prompts: list[str]) -> None:
+    """Mean reward-model score of every row (``mps.condition``); the reward model is a column, never the judge."""
+    from tasks.reward import load_reward
+
+    scorer = load_reward(params, paths)
+    bs = params.evaluate.batch_size
+    for r, imgs in zip(table, images):
+        x = W.to_unit_tensor(imgs)
+        r["reward"] = float(torch.cat([scorer.score(x[i:i + bs], prompts[i:i + bs], params.mps.condition)
+                                       for i in range(0, len(prompts), bs)]).mean())
+
+
 @torch.no_grad()
 def run(params: Params, paths: Paths) -> dict:
     p, wp = params.evaluate, params.world
@@ -149,12 +164,12 @@ def run(params: Params, paths: Paths) -> dict:
                 "frechet": frechet_distance(net, real, real2)}
     table = [real_row] + [score(net, r, specs, real, comp) for r in rows]
     _add_speedups(table)
-    cpu_min = _training_minutes(paths, ["lcm_baseline", "mlcd", "ilcd"])
+    cpu_min = _training_minutes(paths, sorted({x for v in LINEAGE.values() for x in v}))
     for r in table:
         for st, label, _ in student_rows(p):
             if r["method"] == label:
-                r["train_cpu_minutes"] = sum(v for k, v in cpu_min.items()
-                                             if k == st or (st == "ilcd" and k == "mlcd"))
+                r["train_cpu_minutes"] = sum(cpu_min.get(k, 0.0) for k in LINEAGE.get(st, (st,)))
+    reward_scores(params, paths, table, [real] + [r.samples.images for r in rows], prompts)
     meta = {"preset": params.preset, "n_prompts": len(prompts), "n_compositional": len(comp_prompts),
             "batch_size": p.batch_size, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
             "teacher": params.teacher.source}

@@ -33,7 +33,7 @@ class PromotionRefused(RuntimeError):
     """A version's benchmark fails the promotion gates (the message has the numbers)."""
 
 
-SHIPPED_STAGE = "ilcd"  # the last stage that trains the unified LoRA
+SHIPPED_STAGE = "dmgan"  # the last stage of the unified LoRA (a pass-through when disabled)
 
 
 def final_artifact(paths: Paths) -> Path:

@@ -13,8 +13,8 @@ from tlcm.paths import Paths
 
 log = logging.getLogger("tlcm")
 
-STAGES: tuple[str, ...] = ("world", "autoencoder", "evaluator", "teacher", "bapps", "latent_lpips", "lcm_baseline",
-                           "mlcd", "ilcd", "evaluate", "register")
+STAGES: tuple[str, ...] = ("world", "autoencoder", "evaluator", "teacher", "bapps", "latent_lpips", "reward",
+                           "lcm_baseline", "mlcd", "ilcd", "mps", "dmgan", "evaluate", "register")
 
 
 def run_stage(name: str, params: Params, paths: Paths) -> dict:

@@ -118,19 +118,19 @@ class SeaweedS3:
 
 
 def fake_outputs(paths, alignment: float = 0.8, frechet: float = 2.0) -> None:
-    """A final artifact folder (the shipped LoRA) and a benchmark, shaped as the ilcd and evaluate stages write them."""
+    """A final artifact folder (the shipped LoRA) and a benchmark, shaped as the dmgan and evaluate stages write them."""
     from safetensors.torch import save_file
     import torch
 
-    lora = paths.lora("ilcd")
+    lora = paths.lora("dmgan")
     lora.mkdir(parents=True)
     save_file({"unet.down_blocks.0.lora_A.weight": torch.zeros(2, 2)}, str(lora / "pytorch_lora_weights.safetensors"))
     (lora / "tlcm_lora.json").write_text('{"rank": 2, "lora_alpha": 2, "real_images_used": 0}')
     paths.benchmark.mkdir(parents=True)
     rows = [{"method": "real renders (reference)", "steps": 0, "alignment": 0.9, "frechet": 1.0},
-            {"method": "TLCM after ilcd", "steps": 4, "alignment": alignment, "frechet": frechet,
+            {"method": "TLCM after dmgan", "steps": 4, "alignment": alignment, "frechet": frechet,
              "sec_per_image": 0.5, "unet_evals": 4},
-            {"method": "TLCM after ilcd", "steps": 2, "alignment": alignment / 2, "frechet": frechet * 2,
+            {"method": "TLCM after dmgan", "steps": 2, "alignment": alignment / 2, "frechet": frechet * 2,
              "sec_per_image": 0.3, "unet_evals": 2}]
     (paths.benchmark / "benchmark.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     (paths.benchmark / "benchmark.md").write_text("| method |\n")

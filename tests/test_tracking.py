@@ -107,7 +107,7 @@ def test_register_versions_with_model_card_and_promotion_gates(mlflow_store, tmp
     mv = c.get_model_version_by_alias(name, "candidate")
     assert str(mv.version) == "1"
     card = mv.description
-    for needle in ("teacher", "`train`", "| TLCM after ilcd | 4 | 0.25 | 3 |", "### evaluate", "git commit",
+    for needle in ("teacher", "`train`", "| TLCM after dmgan | 4 | 0.25 | 3 |", "### evaluate", "git commit",
                    "dvc.lock", "teacher_steps"):
         assert needle in card, needle
     files = {f.path for f in c.list_artifacts(mv.run_id, "model")}
@@ -132,7 +132,7 @@ def test_register_versions_with_model_card_and_promotion_gates(mlflow_store, tmp
     assert not ok.forced and str(c.get_model_version_by_alias(name, "champion").version) == "2"
     tight = strict.model_copy(update={"register": strict.register.model_copy(update={
         "gates": strict.register.gates.model_copy(update={"max_frechet": 1.0, "steps": 2})})})
-    with pytest.raises(PromotionRefused, match=r"frechet 6.0000 > max_frechet 1.0 \('TLCM after ilcd' @ 2 steps\)"):
+    with pytest.raises(PromotionRefused, match=r"frechet 6.0000 > max_frechet 1.0 \('TLCM after dmgan' @ 2 steps\)"):
         promote(2, tight)
     with pytest.raises(tracking.TrackingError, match=f"no version 9 of registered model '{name}'"):
         promote(9, smoke_params)

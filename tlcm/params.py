@@ -107,7 +107,7 @@ class EvaluateParams(Section):
 
 class GateParams(Section):
     """Promotion gates: ``tlcm promote`` checks one benchmark row (method + steps) against these."""
-    method: str = Field("TLCM after ilcd", description="benchmark row 'method' the gates read")
+    method: str = Field("TLCM after dmgan", description="benchmark row 'method' the gates read")
     steps: int = Field(4, ge=0, description="benchmark row 'steps' the gates read")
     min_alignment: float = Field(0.0, ge=0.0, le=1.0)
     max_frechet: float | None = Field(None, ge=0.0, description="null = no Fréchet gate")

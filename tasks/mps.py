@@ -1,0 +1,87 @@
+"""Stage `mps`: MPS preference optimisation (paper §4.3, Eq. 11) on the unified LoRA after `ilcd`.
+
+Each step: ẑ_{t_m} from Eq. 9, x̂_0 = f_θ(ẑ_{t_m}) (one student evaluation, with grad), decoded by
+the frozen VAE and scored by the frozen reward model under ``mps.condition`` for its own prompt
+(c_pos) and an irrelevant one (c_neg). The loss keeps iLCD's consistency term beside L_mps, as the
+paper's ablation combines them: L = w_c·L_ilcd + w_mps·L_mps. Gradients reach only the student LoRA.
+
+s_0: MPS uses 16, near the top of its score range on preferred images. A different scorer needs
+its own scale: with ``mps.margin: null`` s_0 is the reward model's mean score of clean, aligned
+renders of held-out prompts under the condition (``margin_auto``, measured by the `reward` stage).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from models.preference import irrelevant_prompts, mps_terms
+from models.tlcm import f_theta_x0, ilcd_target
+from tasks.distill import _LoraState
+from tasks.finetune import eq9_batch, passthrough, save_student, setup_student
+from tlcm.params import Params
+from tlcm.paths import Paths
+from tlcm.storage import Checkpointer
+from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
+
+log = logging.getLogger("tlcm")
+INIT_FROM = "ilcd"
+
+
+def decode_to_unit(vae, z0: torch.Tensor) -> torch.Tensor:
+    """Latent x̂_0 → image in [0, 1] through the VAE decoder (differentiable)."""
+    x = vae.decode(z0 / vae.config.scaling_factor).sample
+    return (x / 2 + 0.5).clamp(0, 1)
+
+
+def margin(p, scorer) -> float:
+    if p.margin is not None:
+        return float(p.margin)
+    auto = getattr(scorer, "margin_auto", None) or {}
+    if p.condition not in auto:
+        raise ValueError(f"mps.margin is null but the reward model records no margin for condition '{p.condition}' "
+                         f"(it has {sorted(auto)}); set mps.margin in params.yaml (MPS checkpoints: 16)")
+    return float(auto[p.condition])
+
+
+def run(params: Params, paths: Paths) -> dict:
+    p = params.mps
+    if not p.enabled:
+        return passthrough(paths, "mps", INIT_FROM)
+    from tasks.reward import load_reward
+
+    s = setup_student(params, paths, INIT_FROM, p)
+    scorer = load_reward(params, paths)
+    s0 = margin(p, scorer)
+    vae = s.pipe.vae.requires_grad_(False)
+    opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
+    unet, opt = s.accelerator.prepare(s.unet, opt)
+    log.info("mps: s0 = %.3f (%s), condition '%s', %d steps", s0, "params" if p.margin is not None else "reward model's "
+             "clean-render mean", p.condition, p.steps)
+
+    def step_fn(step: int) -> dict[str, float]:
+        gen = step_generator(p.seed, step)
+        b = eq9_batch(s, p.batch_size, p.student_steps_q, gen)
+        target = ilcd_target(s.student, s.teacher, b.z_t, b.t, p.teacher_steps_p, b.cond, p.guidance_scale, s.ms)
+        x0 = f_theta_x0(s.student, b.z_t, b.t, b.cond)
+        images = decode_to_unit(vae, x0)
+        negs = irrelevant_prompts(b.prompts, s.prompts, gen)
+        s_pos = scorer.score(images, b.prompts, p.condition)
+        s_neg = scorer.score(images, negs, p.condition)
+        terms = {"consistency": s.distance(x0, target), **mps_terms(s_pos, s_neg, s0)}
+        ensure_finite(terms, "mps", step)
+        loss = p.consistency_weight * terms["consistency"] + p.mps_weight * (terms["mps_pos"] + terms["mps_neg"])
+        opt.zero_grad(set_to_none=True)
+        s.accelerator.backward(loss)
+        s.accelerator.clip_grad_norm_(s.trainable, 1.0)
+        opt.step()
+        return {**{k: v.item() for k, v in terms.items()}, "reward_pos": s_pos.mean().item(),
+                "reward_neg": s_neg.mean().item()}
+
+    ckpt = Checkpointer(paths.checkpoints("mps"), fingerprint(p, params.teacher, params.reward, INIT_FROM))
+    res = run_loop("mps", p.steps, step_fn, {"lora": _LoraState(unet), "opt": opt}, ckpt, p.checkpoint_every,
+                   log_every=10, max_minutes=p.max_minutes)
+    last = res.history[-1] if res.history else {}
+    return save_student(s, paths, "mps", {"init_from": INIT_FROM, "params": p.model_dump(mode="json"), "s0": s0},
+                        {"steps": res.steps_done, "train_seconds": res.seconds, "s0": s0,
+                         "first": res.history[0] if res.history else {}, "last": last})
