@@ -21,7 +21,7 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from flows import caching
-from tasks.registry import STAGES, run_stage
+from tasks.registry import STAGES, run_stage_on_worker
 from tlcm import tracking
 from tlcm.params import ParamsError, load_params
 from tlcm.paths import Paths
@@ -49,9 +49,9 @@ def is_transient(task, task_run, state) -> bool:
 
 def run_stage_task(stage: str, preset: str | None = None, artifacts: str = "artifacts",
                    params_file: str = "params.yaml") -> dict:
-    """The body of every stage task: ``run_stage``, then stamp the outputs for the cache."""
+    """The body of every stage task: the stage (on the worker's GPU count), then stamp the outputs for the cache."""
     params, paths = load_params(params_file, preset), Paths(Path(artifacts))
-    result = run_stage(stage, params, paths)
+    result = run_stage_on_worker(stage, params, paths, params_file, preset)
     ctx = TaskRunContext.get()
     caching.record(stage, params, paths, str(ctx.task_run.id) if ctx and ctx.task_run else None)
     return result

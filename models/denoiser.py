@@ -1,7 +1,11 @@
 """The one parameterisation wrapper that losses and samplers call.
 
 ``Cond`` is SDXL's conditioning (penultimate hidden states of both text
-encoders, the pooled projection of the second, six size/crop ids).
+encoders, the pooled projection of the second, six size/crop ids), or an
+SD1.5-style model's (the one text encoder's last hidden states; no pooled, no ids).
+Its unconditional input is what the diffusers pipeline uses for CFG: zeros for
+SDXL (``force_zeros_for_empty_prompt``), else the empty prompt's embedding
+(``neg_embeds``/``neg_pooled``; SD1.5 was trained with empty-caption dropout).
 ``Denoiser`` wraps an ε-prediction UNet with the teacher's ``alphas_cumprod``
 and gives ε̂, CFG-guided ε̃ and x̂_0 for any (z_t, t, c).
 """
@@ -19,43 +23,71 @@ class Cond:
     prompt_embeds: torch.Tensor  # (N, L, D)
     pooled: torch.Tensor | None  # (N, P); None for SD1.5-style UNets without text_time
     time_ids: torch.Tensor | None  # (N, 6)
+    neg_embeds: torch.Tensor | None = None  # (N, L, D) unconditional embeddings; None = zeros (SDXL)
+    neg_pooled: torch.Tensor | None = None  # (N, P) their pooled projection (SDXL without forced zeros)
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
     def unconditional(self) -> "Cond":
-        """SDXL's unconditional input (``force_zeros_for_empty_prompt``): zero embeddings."""
+        """The pipeline's unconditional input: zero embeddings (SDXL's ``force_zeros_for_empty_prompt``),
+        or the empty prompt's embeddings when ``neg_embeds`` is set (SD1.5)."""
+        if self.neg_embeds is not None:
+            return Cond(self.neg_embeds, self.neg_pooled, self.time_ids, self.neg_embeds, self.neg_pooled)
         z = lambda x: None if x is None else torch.zeros_like(x)  # noqa: E731
         return Cond(z(self.prompt_embeds), z(self.pooled), self.time_ids)
 
     def masked(self, keep: torch.Tensor) -> "Cond":
         """Rows with ``keep`` False become unconditional (caption dropout for CFG training)."""
-        k = keep.to(self.prompt_embeds.dtype)
-        m = lambda x: None if x is None else x * k.view(-1, *([1] * (x.ndim - 1)))  # noqa: E731
-        return Cond(m(self.prompt_embeds), m(self.pooled), self.time_ids)
+        u = self.unconditional()
+
+        def m(x, ux):
+            if x is None:
+                return None
+            k = keep.to(device=x.device, dtype=torch.bool).view(-1, *([1] * (x.ndim - 1)))
+            return torch.where(k, x, ux.to(x.dtype))
+
+        return Cond(m(self.prompt_embeds, u.prompt_embeds), m(self.pooled, u.pooled), self.time_ids,
+                    self.neg_embeds, self.neg_pooled)
 
     def take(self, idx: torch.Tensor) -> "Cond":
         """The rows ``idx`` (a sub-batch)."""
         t = lambda x: None if x is None else x[idx]  # noqa: E731
-        return Cond(t(self.prompt_embeds), t(self.pooled), t(self.time_ids))
+        return Cond(t(self.prompt_embeds), t(self.pooled), t(self.time_ids), t(self.neg_embeds), t(self.neg_pooled))
 
     def cat(self, other: "Cond") -> "Cond":
-        c = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
-        return Cond(c(self.prompt_embeds, other.prompt_embeds), c(self.pooled, other.pooled), c(self.time_ids, other.time_ids))
+        c = lambda a, b: None if a is None or b is None else torch.cat([a, b])  # noqa: E731
+        return Cond(c(self.prompt_embeds, other.prompt_embeds), c(self.pooled, other.pooled),
+                    c(self.time_ids, other.time_ids), c(self.neg_embeds, other.neg_embeds),
+                    c(self.neg_pooled, other.neg_pooled))
+
+
+def _empty_prompt(pipe, n: int, sdxl: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The empty prompt's embeddings (and pooled projection for SDXL), encoded once, expanded to ``n`` rows."""
+    out = pipe.encode_prompt([""], device=pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    embeds, pooled = (out[0], out[2]) if sdxl else (out[0], None)
+    return embeds.expand(n, *embeds.shape[1:]), None if pooled is None else pooled.expand(n, *pooled.shape[1:])
 
 
 def encode_prompts(pipe, prompts: list[str]) -> Cond:
     """Encode like the diffusers pipeline does at inference (gradients flow if enabled).
-    Time ids are the pipeline's defaults: (H, W, 0, 0, H, W) at its native resolution."""
+    Time ids are the pipeline's defaults: (H, W, 0, 0, H, W) at its native resolution.
+    SD1.5-style pipelines (one text encoder, no ``text_time``): ``Cond(embeds, None, None)`` plus
+    the empty prompt's embeddings as the CFG unconditional, as ``StableDiffusionPipeline`` does."""
     if hasattr(pipe, "text_encoder_2"):
         image_size = pipe.default_sample_size * pipe.vae_scale_factor
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=pipe.unet.device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         ids = torch.tensor([[image_size, image_size, 0, 0, image_size, image_size]], dtype=embeds.dtype)
-        return Cond(embeds, pooled, ids.repeat(len(prompts), 1).to(embeds.device))
+        ids = ids.repeat(len(prompts), 1).to(embeds.device)
+        if getattr(pipe.config, "force_zeros_for_empty_prompt", True):
+            return Cond(embeds, pooled, ids)
+        neg, neg_pooled = _empty_prompt(pipe, len(prompts), sdxl=True)
+        return Cond(embeds, pooled, ids, neg, neg_pooled)
     embeds, _ = pipe.encode_prompt(prompts, device=pipe.unet.device, num_images_per_prompt=1,
                                    do_classifier_free_guidance=False)
-    return Cond(embeds, None, None)
+    neg, _ = _empty_prompt(pipe, len(prompts), sdxl=False)
+    return Cond(embeds, None, None, neg, None)
 
 
 class Denoiser:

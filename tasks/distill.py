@@ -12,11 +12,11 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 
 from models.denoiser import Denoiser, encode_prompts
 from models.lora import FrozenTeacher, add_lora, lora_parameters
 from models.tlcm import ilcd_terms, milestones, mlcd_pair, mlcd_terms
+from tlcm import distributed as D
 from tlcm.lora_io import load_lora_into, save_lora
 from tlcm.params import ConsistencyParams, Params
 from tlcm.paths import Paths
@@ -34,12 +34,13 @@ def mse_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def make_distance(p: ConsistencyParams, params: Params, paths: Paths) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """d(·,·) of Eq. 7/10: latent MSE, or the trained latent LPIPS (mean over the batch)."""
+    """d(·,·) of Eq. 7/10: latent MSE, or the trained latent LPIPS (mean over the batch: under several
+    processes, the local shard's mean, whose average over processes is the global batch's)."""
     if p.loss == "mse":
         return mse_distance
     from tasks.latent_lpips import load_latent_lpips
 
-    net = load_latent_lpips(params, paths)
+    net = load_latent_lpips(params, paths).to(D.device())
     return lambda x, y: net(x, y).mean()
 
 
@@ -78,66 +79,79 @@ class QuickEval:
         return out
 
 
-def train_prompts(paths: Paths) -> list[str]:
-    from tasks.world import read_prompts
+def train_prompts(params: Params, paths: Paths) -> list[str]:
+    """The data-free stages' only data: ``params.prompts`` (the world's train prompts, or a caption file)."""
+    from tlcm.prompt_sources import read_prompts
 
-    return [s.caption() for s in read_prompts(paths, "train")]
+    return read_prompts(params, paths)
 
 
 def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str | None) -> dict:
     """Train the student LoRA for ``stage`` (its params section) and save it to ``paths.lora(stage)``.
 
     ``init_from``: the stage whose LoRA to continue (iLCD continues MLCD's); None = a fresh LoRA.
+    Under ``accelerate launch`` (:mod:`tlcm.distributed`) each process trains on its shard of the
+    global batch, gradients are averaged, and the main process writes the checkpoints and the LoRA.
     """
     p: ConsistencyParams = params.section(stage)
-    accelerator = Accelerator()
+    world = D.world_size()
+    D.check_batch(p.batch_size, f"{stage}.batch_size", world)
+    dev = D.device()
     pipe = load_teacher(resolve_teacher(params.teacher.source, paths.teacher))
+    pipe.to(dev)
     unet = pipe.unet
     if init_from is None:
         torch.manual_seed(p.seed)
         add_lora(unet, p.rank)
     else:
         load_lora_into(unet, paths.lora(init_from))
+    unet.to(dev)
     trainable = lora_parameters(unet)
     for q in trainable:
         q.requires_grad_(True)
-    ac = pipe.scheduler.alphas_cumprod
+    D.broadcast_from_main(trainable)
+    ac = pipe.scheduler.alphas_cumprod.to(dev)
     student = Denoiser(unet, ac)
     teacher = FrozenTeacher(Denoiser(unet, ac))
     ms = milestones(p.num_segments)
     distance = make_distance(p, params, paths)
-    prompts = train_prompts(paths)
+    prompts = train_prompts(params, paths)
     opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)
-    unet, opt = accelerator.prepare(unet, opt)
-    side, ch = pipe.unet.config.sample_size, pipe.unet.config.in_channels
+    side, ch = unet.config.sample_size, unet.config.in_channels
     quick = None
-    if p.eval_every and params.teacher.source == "train" and (paths.evaluator / "model.safetensors").is_file():
+    if (p.eval_every and D.is_main() and params.teacher.source == "train"
+            and (paths.evaluator / "model.safetensors").is_file()):
         quick = QuickEval(params, paths, pipe, stage, p.eval_prompts)
 
     def step_fn(step: int) -> dict[str, float]:
         if quick is not None and step % p.eval_every == 0:
             quick(step)
+        # the GLOBAL batch, drawn identically on every process, then this process's shard
         gen = step_generator(p.seed, step)
-        idx = torch.randint(len(prompts), (p.batch_size,), generator=gen)
+        B = p.batch_size
+        idx = torch.randint(len(prompts), (B,), generator=gen)
+        eps = torch.randn((B, ch, side, side), generator=gen)
         with torch.no_grad():
-            cond = encode_prompts(pipe, [prompts[i] for i in idx])
-        eps = torch.randn((p.batch_size, ch, side, side), generator=gen)
+            cond = encode_prompts(pipe, [prompts[i] for i in D.shard(idx)])
         if kind == "mlcd":
-            seg = torch.randint(p.num_segments, (p.batch_size,), generator=gen)
+            seg = torch.randint(p.num_segments, (B,), generator=gen)
             lo, hi = torch.tensor(ms)[seg], torch.tensor(ms)[seg + 1]
-            t_m = lo + 1 + (torch.rand(p.batch_size, generator=gen) * (hi - lo)).long().clamp(max=(hi - lo - 1))
+            t_m = lo + 1 + (torch.rand(B, generator=gen) * (hi - lo)).long().clamp(max=(hi - lo - 1))
+            eps, t_m = D.shard(eps).to(dev), D.shard(t_m).to(dev)
             z_tm, z_tn, t_n, t_s = mlcd_pair(teacher, eps, t_m, p.skip, cond, p.guidance_scale, ms)
             terms = mlcd_terms(student, z_tm, z_tn, t_m, t_n, t_s, cond, distance)
         else:
-            t_m = torch.tensor(ms)[torch.randint(1, p.num_segments + 1, (p.batch_size,), generator=gen)]
+            t_m = torch.tensor(ms)[torch.randint(1, p.num_segments + 1, (B,), generator=gen)]
             noise = torch.randn(eps.shape, generator=gen)
+            eps, noise, t_m = D.shard(eps).to(dev), D.shard(noise).to(dev), D.shard(t_m).to(dev)
             terms = ilcd_terms(student, teacher, eps, noise, t_m, p.student_steps_q, p.teacher_steps_p, cond,
                                p.guidance_scale, ms, distance)
         ensure_finite(terms, stage, step)
-        loss = terms["consistency"]
+        loss = terms["consistency"]  # a mean over the local shard: the mean of the shards' gradients is the global one
         opt.zero_grad(set_to_none=True)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(trainable, 1.0)
+        loss.backward()
+        D.average_gradients(trainable)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         return {k: v.item() for k, v in terms.items()}
 
@@ -149,13 +163,16 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
         quick(res.steps_done)
     info = {"stage": stage, "kind": kind, "init_from": init_from, "teacher": params.teacher.source,
             "params": p.model_dump(mode="json"), "steps": res.steps_done, "train_seconds": res.seconds,
-            "real_images_used": 0}
-    save_lora(paths.lora(stage), accelerator.unwrap_model(unet), info)
-    metrics = {"steps": res.steps_done, "train_seconds": res.seconds,
+            "world_size": world, "real_images_used": 0}
+    metrics = {"steps": res.steps_done, "train_seconds": res.seconds, "world_size": world,
                "final_consistency": res.history[-1]["consistency"] if res.history else None,
                "quick_evals": quick.history if quick is not None else []}
-    atomic_write_json(paths.metrics / f"{stage}.json", metrics)
-    log.info("%s: %d steps in %.0fs -> %s", stage, res.steps_done, res.seconds, paths.lora(stage))
+    if D.is_main():
+        save_lora(paths.lora(stage), unet, info)
+        atomic_write_json(paths.metrics / f"{stage}.json", metrics)
+        log.info("%s: %d steps in %.0fs on %d process(es) -> %s", stage, res.steps_done, res.seconds, world,
+                 paths.lora(stage))
+    D.barrier()
     return metrics
 
 

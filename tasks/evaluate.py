@@ -132,8 +132,82 @@ def reward_scores(params: Params, paths: Paths, table: list[dict], images: list[
                                        for i in range(0, len(prompts), bs)]).mean())
 
 
+def sample_rows(params: Params, paths: Paths, prompts: list[str], comp_prompts: list[str] | None) -> list[Row]:
+    """Teacher DDIM+CFG rows and every student LoRA row, sampled the way users sample them."""
+    p = params.evaluate
+    source = resolve_teacher(params.teacher.source, paths.teacher)
+    pipe = load_teacher(source)
+    assert not getattr(pipe.unet, "peft_config", None), "teacher rows must run without any adapter"
+    comp = (lambda f: f(comp_prompts)) if comp_prompts else (lambda f: None)  # noqa: E731
+    rows: list[Row] = []
+    for n in p.teacher_steps:
+        log.info("evaluate: teacher DDIM %d steps, w=%s, %d prompts", n, p.guidance_scale, len(prompts))
+        rows.append(Row("teacher DDIM + CFG", n, p.guidance_scale,
+                        teacher_ddim(pipe, prompts, n, p.guidance_scale, p.seed, p.batch_size),
+                        comp(lambda ps: teacher_ddim(pipe, ps, n, p.guidance_scale, p.seed, p.batch_size))))
+    for stage, label, steps in student_rows(p):
+        student = load_student(source, paths.lora(stage), stage)
+        for n in steps:
+            log.info("evaluate: %s %d steps (LoRA fused), %d prompts", label, n, len(prompts))
+            rows.append(Row(label, n, 1.0, student_samples(student, prompts, n, p.seed, p.batch_size, student.scheduler),
+                            comp(lambda ps: student_samples(student, ps, n, p.seed, p.batch_size, student.scheduler))))
+    return rows
+
+
+def _add_training(paths: Paths, p, table: list[dict]) -> None:
+    cpu_min = _training_minutes(paths, sorted({x for v in LINEAGE.values() for x in v}))
+    for r in table:
+        for st, label, _ in student_rows(p):
+            if r["method"] == label:
+                r["train_cpu_minutes"] = sum(cpu_min.get(k, 0.0) for k in LINEAGE.get(st, (st,)))
+
+
+def _write(params: Params, paths: Paths, table: list[dict], meta: dict, header: str, grid_rows, prompts: list[str]) -> dict:
+    with atomic_dir(paths.benchmark) as out:
+        (out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2))
+        (out / "benchmark.md").write_text(markdown(table, header))
+        save_grid(grid_rows, out / "samples.png")
+        (out / "prompts.txt").write_text("\n".join(prompts[: params.evaluate.grid_prompts]) + "\n")
+    atomic_write_json(paths.metrics / "evaluate.json", {f"{r['method']}@{r['steps']}": {k: v for k, v in r.items()
+                      if isinstance(v, (int, float))} for r in table})
+    log.info("evaluate:\n%s", (paths.benchmark / "benchmark.md").read_text())
+    return {"rows": table}
+
+
+def _meta(params: Params, n_prompts: int, **extra) -> dict:
+    return {"preset": params.preset, "n_prompts": n_prompts, "batch_size": params.evaluate.batch_size,
+            "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "teacher": params.teacher.source,
+            **extra}
+
+
+def _grid(params: Params, rows: list[Row], first: tuple[str, np.ndarray] | None) -> list:
+    p = params.evaluate
+    short = {"teacher DDIM + CFG": "teacher"} | {label: st for st, label, _ in student_rows(p)}
+    return ([first] if first else []) + [(f"{short.get(r.method, r.method)} {r.steps} st", r.samples.images[: p.grid_prompts])
+                                         for r in rows]
+
+
+@torch.no_grad()
+def run_real(params: Params, paths: Paths) -> dict:
+    """A real teacher (SDXL, SD1.5): the paper's Table 1 suite on MSCOCO-2017 captions (tasks/suite.py)."""
+    from tasks.suite import image_sets, run_suite, suite_prompts
+
+    prompts = suite_prompts(params)
+    rows = sample_rows(params, paths, prompts, None)
+    table = run_suite(params, paths, image_sets(rows, prompts))
+    for t, r in zip(table, rows):
+        t |= {"sec_per_image": r.samples.seconds_per_image, "unet_evals": r.samples.unet_evals_per_image,
+              "real_images_used": 0}
+    _add_speedups(table)
+    _add_training(paths, params.evaluate, table)
+    header = f"Benchmark ({params.preset}; {len(prompts)} MSCOCO-2017 captions; CFG w={params.evaluate.guidance_scale})"
+    return _write(params, paths, table, _meta(params, len(prompts), suite=True), header, _grid(params, rows, None), prompts)
+
+
 @torch.no_grad()
 def run(params: Params, paths: Paths) -> dict:
+    if params.teacher.source != "train":
+        return run_real(params, paths)
     p, wp = params.evaluate, params.world
     require(paths)
     net = load_evaluator(params, paths)
@@ -142,47 +216,16 @@ def run(params: Params, paths: Paths) -> dict:
     prompts, comp_prompts = [s.caption() for s in specs], [s.caption() for s in comp]
     real = W.render_batch(specs, p.seed + 11, wp.image_size)
     real2 = W.render_batch(specs, p.seed + 12, wp.image_size)
-
-    source = resolve_teacher(params.teacher.source, paths.teacher)
-    pipe = load_teacher(source)
-    assert not getattr(pipe.unet, "peft_config", None), "teacher rows must run without any adapter"
-    rows: list[Row] = []
-    for n in p.teacher_steps:
-        log.info("evaluate: teacher DDIM %d steps, w=%s, %d prompts", n, p.guidance_scale, len(prompts))
-        rows.append(Row("teacher DDIM + CFG", n, p.guidance_scale,
-                        teacher_ddim(pipe, prompts, n, p.guidance_scale, p.seed, p.batch_size),
-                        teacher_ddim(pipe, comp_prompts, n, p.guidance_scale, p.seed, p.batch_size)))
-    for stage, label, steps in student_rows(p):
-        student = load_student(source, paths.lora(stage), stage)
-        for n in steps:
-            log.info("evaluate: %s %d steps (LoRA fused), %d prompts", label, n, len(prompts))
-            rows.append(Row(label, n, 1.0, student_samples(student, prompts, n, p.seed, p.batch_size, student.scheduler),
-                            student_samples(student, comp_prompts, n, p.seed, p.batch_size, student.scheduler)))
+    rows = sample_rows(params, paths, prompts, comp_prompts)
 
     real_row = {"method": "real renders (reference)", "steps": 0, "real_images_used": 0,
                 "alignment": accuracy(net, W.to_unit_tensor(real), specs)["all"],
                 "frechet": frechet_distance(net, real, real2)}
     table = [real_row] + [score(net, r, specs, real, comp) for r in rows]
     _add_speedups(table)
-    cpu_min = _training_minutes(paths, sorted({x for v in LINEAGE.values() for x in v}))
-    for r in table:
-        for st, label, _ in student_rows(p):
-            if r["method"] == label:
-                r["train_cpu_minutes"] = sum(cpu_min.get(k, 0.0) for k in LINEAGE.get(st, (st,)))
+    _add_training(paths, p, table)
     reward_scores(params, paths, table, [real] + [r.samples.images for r in rows], prompts)
-    meta = {"preset": params.preset, "n_prompts": len(prompts), "n_compositional": len(comp_prompts),
-            "batch_size": p.batch_size, "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
-            "teacher": params.teacher.source}
-    short = {"teacher DDIM + CFG": "teacher"} | {label: st for st, label, _ in student_rows(p)}
-    grid_rows = [("real render", real[: p.grid_prompts])] + [
-        (f"{short.get(r.method, r.method)} {r.steps} st", r.samples.images[: p.grid_prompts]) for r in rows]
-    with atomic_dir(paths.benchmark) as out:
-        (out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2))
-        (out / "benchmark.md").write_text(markdown(table, f"Benchmark ({params.preset}; {len(prompts)} held-out prompts; "
-                                                          f"CFG w={p.guidance_scale}; batch {p.batch_size})"))
-        save_grid(grid_rows, out / "samples.png")
-        (out / "prompts.txt").write_text("\n".join(prompts[: p.grid_prompts]) + "\n")
-    atomic_write_json(paths.metrics / "evaluate.json", {f"{r['method']}@{r['steps']}": {k: v for k, v in r.items()
-                      if isinstance(v, (int, float))} for r in table})
-    log.info("evaluate:\n%s", (paths.benchmark / "benchmark.md").read_text())
-    return {"rows": table}
+    header = (f"Benchmark ({params.preset}; {len(prompts)} held-out prompts; CFG w={p.guidance_scale}; "
+              f"batch {p.batch_size}; reward = {params.mps.condition} score of the reward model, not the judge)")
+    return _write(params, paths, table, _meta(params, len(prompts), n_compositional=len(comp_prompts)), header,
+                  _grid(params, rows, ("real render", real[: p.grid_prompts])), prompts)

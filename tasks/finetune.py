@@ -59,7 +59,7 @@ def setup_student(params: Params, paths: Paths, init_from: str, section) -> Stud
     ac = pipe.scheduler.alphas_cumprod
     cfg = unet.config
     return Student(Accelerator(), pipe, unet, Denoiser(unet, ac), FrozenTeacher(Denoiser(unet, ac)),
-                   make_distance(section, params, paths), train_prompts(paths), milestones(M_SEGMENTS),
+                   make_distance(section, params, paths), train_prompts(params, paths), milestones(M_SEGMENTS),
                    (cfg.in_channels, cfg.sample_size, cfg.sample_size))
 
 

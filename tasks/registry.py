@@ -29,3 +29,19 @@ def run_stage(name: str, params: Params, paths: Paths) -> dict:
         result = record.result = module.run(params, paths)
     log.info("stage %s: done in %.1fs", name, time.monotonic() - t0)
     return result
+
+
+def run_stage_on_worker(name: str, params: Params, paths: Paths, params_file: str = "params.yaml",
+                        preset: str | None = None) -> dict:
+    """What a Prefect task runs: ``run_stage`` in this process, or, on a worker with N > 1 GPUs, the
+    stage under ``accelerate launch`` on N processes (training stages that support it)."""
+    import json
+
+    from tlcm.distributed import MULTI_PROCESS_STAGES, default_num_processes, launch_stage
+
+    n = default_num_processes()
+    if n <= 1 or name not in MULTI_PROCESS_STAGES:
+        return run_stage(name, params, paths)
+    log.info("stage %s: launching on %d processes", name, n)
+    launch_stage(name, n, params_file, preset, str(paths.root))
+    return json.loads((paths.metrics / f"{name}.json").read_text())

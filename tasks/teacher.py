@@ -6,8 +6,13 @@ with caption dropout so that CFG works (dropped captions get SDXL's
 zero embeddings, as ``force_zeros_for_empty_prompt`` does at inference).
 An EMA of the weights is what gets saved.
 
-With ``teacher.source`` set to a hub id or folder, nothing is trained: the
-stage checks that the teacher loads and records what it is.
+With ``teacher.source`` set to a hub id or folder (SDXL or SD1.5 style), nothing
+is trained: the stage checks that the teacher loads and records what it is.
+
+Under ``accelerate launch`` (:mod:`tlcm.distributed`) every process renders the
+step's global batch, trains on its contiguous shard and averages gradients, so the
+result equals the one-process run at the same ``batch_size``; the main process
+writes the checkpoints and the pipeline folder.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from transformers import CLIPTokenizer
 from models.denoiser import Denoiser, encode_prompts
 from models.diffusion import q_sample
 from models.sdxl_shaped import build_scheduler, build_text_encoders, build_unet
+from tlcm import distributed as D
 from tlcm import world as W
 from tlcm.params import Params
 from tlcm.paths import Paths
@@ -70,39 +76,52 @@ def run(params: Params, paths: Paths) -> dict:
         pipe = load_teacher(p.source)
         info = {"source": p.source, "class": type(pipe).__name__,
                 "unet_params_millions": sum(x.numel() for x in pipe.unet.parameters()) / 1e6}
-        atomic_write_json(paths.metrics / "teacher.json", info)
+        if D.is_main():
+            atomic_write_json(paths.metrics / "teacher.json", info)
+        D.barrier()
         return info
 
+    world = D.world_size()
+    D.check_batch(p.batch_size, "teacher.batch_size", world)
+    dev = D.device()
     pipe = build_pipeline(params, paths)
+    pipe.to(dev)
     unet, te1, te2, vae = pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae
     trainable = [*unet.parameters(), *te1.parameters(), *te2.parameters()]
+    D.broadcast_from_main(trainable)
     for m in (unet, te1, te2):
         m.train()
     opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.01)
     ema = EMAModel(trainable, decay=p.ema_decay)
-    model = Denoiser(unet, pipe.scheduler.alphas_cumprod)
+    model = Denoiser(unet, pipe.scheduler.alphas_cumprod.to(dev))
     sf = vae.config.scaling_factor
+    latent_shape = (vae.config.latent_channels, unet.config.sample_size, unet.config.sample_size)
 
     def step_fn(step: int) -> dict[str, float]:
         for g in opt.param_groups:
             g["lr"] = p.lr * cosine_warmup(step, p.warmup_steps, p.steps)
+        # the GLOBAL batch, drawn identically on every process; each trains on its contiguous shard
         gen = step_generator(p.seed, step)
         specs, imgs = W.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size)
-        with torch.no_grad():
-            z0 = vae.encode(W.to_unit_tensor(imgs) * 2 - 1).latent_dist.mean * sf
-        keep = torch.rand(len(specs), generator=gen) >= p.cond_drop
-        cond = encode_prompts(pipe, [s.caption() for s in specs]).masked(keep)
-        t = torch.randint(0, 1000, (len(specs),), generator=gen)
-        eps = torch.randn(z0.shape, generator=gen)
+        B = len(specs)
+        keep = torch.rand(B, generator=gen) >= p.cond_drop
+        t = torch.randint(0, 1000, (B,), generator=gen)
+        eps = torch.randn((B, *latent_shape), generator=gen)
         if p.offset_noise:  # per-channel constant offset: lets the model move an image's mean (dark/bright scenes)
-            eps = eps + p.offset_noise * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
+            eps = eps + p.offset_noise * torch.randn((B, latent_shape[0], 1, 1), generator=gen)
+        specs, imgs = D.shard(list(specs)), D.shard(imgs)
+        keep, t, eps = D.shard(keep).to(dev), D.shard(t).to(dev), D.shard(eps).to(dev)
+        with torch.no_grad():
+            z0 = vae.encode(W.to_unit_tensor(imgs).to(dev) * 2 - 1).latent_dist.mean * sf
+        cond = encode_prompts(pipe, [s.caption() for s in specs]).masked(keep)
         pred = model.eps(q_sample(z0, eps, t, model.alphas_cumprod), t, cond)
         per_sample = F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))
         terms = {"eps_mse": per_sample.mean()}
         ensure_finite(terms, "teacher", step)
-        weight = min_snr_weight(model.alphas_cumprod, t, p.min_snr_gamma)
+        weight = min_snr_weight(model.alphas_cumprod, t, p.min_snr_gamma).to(dev)
         opt.zero_grad(set_to_none=True)
-        (weight * per_sample).mean().backward()
+        (weight * per_sample).mean().backward()  # a mean over the shard: averaged gradients = the global mean's
+        D.average_gradients(trainable)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         ema.step(trainable)
@@ -115,11 +134,14 @@ def run(params: Params, paths: Paths) -> dict:
     ema.copy_to(trainable)
     for m in (unet, te1, te2):
         m.eval()
-    with atomic_dir(paths.teacher) as out:
-        pipe.save_pretrained(out, safe_serialization=True)
-    info = {"source": "train", "steps": res.steps_done, "train_seconds": res.seconds,
+    info = {"source": "train", "steps": res.steps_done, "train_seconds": res.seconds, "world_size": world,
             "final_eps_mse": res.history[-1]["eps_mse"] if res.history else None,
             "unet_params_millions": sum(x.numel() for x in unet.parameters()) / 1e6}
-    atomic_write_json(paths.metrics / "teacher.json", info)
-    log.info("teacher: %d steps in %.0fs -> %s", res.steps_done, res.seconds, paths.teacher)
+    if D.is_main():
+        with atomic_dir(paths.teacher) as out:
+            pipe.to("cpu").save_pretrained(out, safe_serialization=True)
+        atomic_write_json(paths.metrics / "teacher.json", info)
+        log.info("teacher: %d steps in %.0fs on %d process(es) -> %s", res.steps_done, res.seconds, world,
+                 paths.teacher)
+    D.barrier()
     return info

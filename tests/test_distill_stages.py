@@ -49,6 +49,9 @@ def test_evaluate_adds_student_rows(distilled):
     from tasks.registry import run_stage
 
     params, paths = distilled
+    run_stage("reward", params, paths)
+    params = params.model_copy(update={"evaluate": params.evaluate.model_copy(
+        update={"student_stages": ("lcm_baseline", "mlcd", "ilcd")})})
     run_stage("evaluate", params, paths)
     rows = json.loads((paths.benchmark / "benchmark.json").read_text())["rows"]
     by = {(r["method"], r["steps"]) for r in rows}
@@ -59,6 +62,7 @@ def test_evaluate_adds_student_rows(distilled):
     tl = next(r for r in rows if r["method"] == "TLCM after ilcd")
     assert tl["unet_evals"] == tl["steps"] and tl["real_images_used"] == 0 and tl["speedup_vs_teacher"] > 0
     assert tl["train_cpu_minutes"] > 0
+    assert all(isinstance(r["reward"], float) for r in rows)  # the reward model's column, every row
 
 
 def test_ilcd_without_mlcd_lora_says_what_to_run(smoke_artifacts, smoke_params, tmp_path):

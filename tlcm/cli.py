@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stage", help="run one pipeline stage (what each dvc.yaml stage calls)")
     s.add_argument("name", choices=STAGES)
     _common(s)
+    s.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="train on N processes (accelerate launch: CPU gloo, or one per GPU; same result as 1 process "
+                        "at the same global batch_size, which must divide by N)")
 
     r = sub.add_parser("run", help="run every stage in order, in this process")
     _common(r)
@@ -78,12 +81,18 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(params.model_dump(mode="json"), indent=2))
         elif args.cmd == "stage":
             from tasks.registry import run_stage
+            from tlcm.distributed import launch_or_join
 
+            code = launch_or_join(args.num_processes, sys.argv[1:] if argv is None else argv, params, args.name)
+            if code is not None:
+                return code
             run_stage(args.name, params, paths)
         elif args.cmd == "run":
             from tasks.registry import STAGES, run_stage
             from tlcm import tracking
+            from tlcm.preflight import require_assets
 
+            require_assets(params)  # missing external assets fail here, in seconds, all named at once
             with tracking.pipeline_run(params, paths, tags={"tlcm.entry": "tlcm run"}):
                 for name in STAGES:
                     run_stage(name, params, paths)

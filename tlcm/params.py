@@ -242,6 +242,8 @@ class SuiteParams(Section):
     aesthetic_clip: str | None = Field(None, description="CLIP ViT-L/14 folder or hub id (openai/clip-vit-large-patch14)")
     aesthetic_head: str | None = Field(None, description="LAION aesthetic predictor MLP weights (sac+logos+ava1-l14-linearMSE)")
     image_reward: str | None = Field(None, description="ImageReward checkpoint folder (ImageReward.pt + med_config.json)")
+    fid_inception: str | None = Field(None, description="TorchScript Inception for FID (inception-2015-12-05.pt); "
+                                                         "null = FID on CLIP features, reported as fid_clip")
     batch_size: int = Field(8, gt=0)
 
 

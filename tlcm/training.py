@@ -6,6 +6,10 @@ weight, then steps its own optimisers) and the objects whose
 ``state_dict()`` make up its state. Data and noise must be a function of
 ``step`` (see :func:`step_generator`) so that a resumed run continues
 exactly as an uninterrupted one would.
+
+Under ``accelerate launch`` (see :mod:`tlcm.distributed`) the loop logs the mean of the
+processes' loss terms, only the main process writes checkpoints (the others wait), and
+:func:`ensure_finite` stops every process together.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any, Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from tlcm import tracking
+from tlcm import distributed, tracking
 from tlcm.storage import Checkpointer
 
 log = logging.getLogger("tlcm")
@@ -57,9 +61,14 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
 
 
 def ensure_finite(terms: dict[str, torch.Tensor], stage: str, step: int) -> None:
-    for k, v in terms.items():
-        if not torch.isfinite(v.detach()).all():
+    """Raise :class:`NonFiniteLoss` if a loss term is NaN/inf. Collective under a launch: a non-finite
+    term on any process stops every process (none of them steps), so no rank waits forever."""
+    bad = [(k, v) for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+    if distributed.any_process(bool(bad)):
+        if bad:
+            k, v = bad[0]
             raise NonFiniteLoss(f"{stage}: loss term '{k}' is {v.detach().flatten()[0].item()} at step {step}")
+        raise NonFiniteLoss(f"{stage}: a loss term is not finite on another process at step {step}")
 
 
 @dataclass
@@ -98,14 +107,16 @@ def run_loop(
         log.info("%s: resumed from checkpoint at step %d/%d (%s)", stage, start, total_steps, checkpointer.folder)
 
     def save(step: int) -> None:
-        checkpointer.save(step, {k: obj.state_dict() for k, obj in state.items()})
+        if distributed.is_main():
+            checkpointer.save(step, {k: obj.state_dict() for k, obj in state.items()})
+        distributed.barrier()
 
     t0 = time.monotonic()
     history: list[dict[str, float]] = []
     running: dict[str, float] = {}
     stopped_early = False
-    bar = tqdm(range(start, total_steps), desc=stage, initial=start, total=total_steps, disable=not show_progress,
-               dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(range(start, total_steps), desc=stage, initial=start, total=total_steps,
+               disable=not (show_progress and distributed.is_main()), dynamic_ncols=True, mininterval=2.0)
     step = start
     for step in bar:
         try:
@@ -116,6 +127,7 @@ def run_loop(
                 f"Lower the learning rate ('{stage}.lr' in params.yaml) or check the inputs, then re-run: "
                 "the stage resumes from that checkpoint."
             ) from None
+        terms = distributed.mean_over_processes(terms)
         for k, v in terms.items():
             running[k] = running.get(k, 0.0) + float(v)
         done = step + 1
@@ -130,7 +142,7 @@ def run_loop(
                 on_log(done, avg)
         if done % checkpoint_every == 0 and done < total_steps:
             save(done)
-        if max_minutes and (time.monotonic() - t0) > 60 * max_minutes and done < total_steps:
+        if max_minutes and done < total_steps and distributed.any_process(time.monotonic() - t0 > 60 * max_minutes):
             log.warning("%s: max_minutes=%s reached at step %d/%d; saving and stopping", stage, max_minutes, done, total_steps)
             save(done)
             stopped_early = True

@@ -1,0 +1,119 @@
+"""Multi-process training: `tlcm stage mlcd --num-processes 2` (a real 2-process gloo group under
+`accelerate launch`) gives the one-process result at the same global batch and seed, and resumes.
+
+Tolerance: max |Δ| over every saved LoRA tensor < 1e-5 after 3 AdamW steps of lr 1e-4 (one step moves a
+LoRA-B weight by up to ~1e-4). Measured here: 7.5e-7, the same size as the difference between two
+one-process runs with 1 and 2 torch threads (float32 summation order).
+"""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+TOL = 1e-5
+
+
+def test_shard_is_contiguous_and_covers_the_global_batch():
+    from tlcm.distributed import ShardError, shard, shard_slice
+
+    x = torch.arange(12)
+    parts = [shard(x, 3, r) for r in range(3)]
+    assert [p.tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert shard(list("abcd"), 2, 1) == ["c", "d"]
+    assert shard(x) is not None and torch.equal(shard(x), x)  # one process: the whole batch
+    assert shard_slice(6, 2, 0) == slice(0, 3)
+    with pytest.raises(ShardError, match="multiple of 4"):
+        shard_slice(6, 4, 0)
+
+
+def test_launch_command_starts_a_real_cpu_process_group():
+    """`--cpu --num_processes N` silently runs one process; `--multi_gpu` + ACCELERATE_USE_CPU=1 runs N (gloo)."""
+    from tlcm.distributed import default_num_processes, launch_command, stage_args
+
+    args = stage_args("mlcd", "params.yaml", "smoke", "artifacts", 2)
+    assert args == ["stage", "mlcd", "--params", "params.yaml", "--artifacts", "artifacts", "--num-processes", "2",
+                    "--preset", "smoke"]
+    argv, env = launch_command(args, 2, cpu=True, port=29999)
+    assert "--cpu" not in argv and "--multi_gpu" in argv and env["ACCELERATE_USE_CPU"] == "1"
+    assert argv[argv.index("--num_processes") + 1] == "2" and argv[argv.index("--num_machines") + 1] == "1"
+    assert argv[argv.index("--main_process_port") + 1] == "29999"
+    assert argv[argv.index("tlcm.cli") - 1] == "-m" and argv[argv.index("tlcm.cli") + 1:] == args
+    gpu_argv, gpu_env = launch_command(["stage", "mlcd"], 4, cpu=False, port=29999)
+    assert "--multi_gpu" in gpu_argv and gpu_env.get("ACCELERATE_USE_CPU") == os.environ.get("ACCELERATE_USE_CPU")
+    assert default_num_processes() == (torch.cuda.device_count() if torch.cuda.is_available() else 1)
+
+
+def test_batch_that_does_not_divide_stops_before_launching(smoke_params, tmp_path, caplog):
+    from tlcm.cli import main
+
+    f = _params_file(smoke_params, tmp_path / "params.yaml", steps=3)  # mlcd.batch_size 4
+    assert main(["stage", "mlcd", "--params", str(f), "--artifacts", str(tmp_path / "a"), "--num-processes", "3"]) == 2
+    assert "'mlcd.batch_size' = 4" in caplog.text and "multiple of 3" in caplog.text
+
+
+def test_only_training_stages_relaunch(smoke_params):
+    """A stage without a training loop (world, evaluate, ...) ignores --num-processes and runs in this process."""
+    from tlcm.distributed import MULTI_PROCESS_STAGES, launch_or_join
+
+    assert {"teacher", "lcm_baseline", "mlcd", "ilcd"} <= MULTI_PROCESS_STAGES
+    assert launch_or_join(2, ["stage", "world", "--num-processes", "2"], smoke_params, "world") is None
+    assert launch_or_join(1, ["stage", "mlcd"], smoke_params, "mlcd") is None
+
+
+def _params_file(smoke_params, path, steps: int):
+    """The smoke params in full with mlcd at global batch 4 (written as the base preset: no overlay)."""
+    d = smoke_params.model_dump(mode="json")
+    d["preset"] = "mini"
+    d["mlcd"].update(loss="mse", batch_size=4, steps=steps, checkpoint_every=2, eval_every=0)
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+def _root(tmp_path_factory, name, smoke_artifacts):
+    root = tmp_path_factory.mktemp(name)
+    for d in ("world", "teacher"):
+        (root / d).symlink_to(getattr(smoke_artifacts, d))
+    return root
+
+
+def test_two_processes_match_one_process_and_resume(smoke_artifacts, smoke_params, tmp_path_factory, tmp_path):
+    from conftest import run_cli
+    from safetensors.torch import load_file
+
+    from tasks.registry import run_stage
+    from tlcm.params import load_params
+    from tlcm.paths import Paths
+
+    f2 = _params_file(smoke_params, tmp_path / "params2.yaml", steps=2)
+    f3 = _params_file(smoke_params, tmp_path / "params3.yaml", steps=3)
+
+    one = Paths(_root(tmp_path_factory, "one_process", smoke_artifacts))
+    run_stage("mlcd", load_params(f3), one)  # the reference: 3 steps in this process
+
+    two = Paths(_root(tmp_path_factory, "two_processes", smoke_artifacts))
+    args = ["stage", "mlcd", "--artifacts", str(two.root), "--num-processes", "2"]
+    r = run_cli(*args, "--params", str(f2), timeout=180)  # 2 steps on 2 processes ...
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((two.metrics / "mlcd.json").read_text())
+    assert m["world_size"] == 2 and m["steps"] == 2
+    loss_01 = m["final_consistency"]  # the mean over both processes of steps 0-1
+    r = run_cli(*args, "--params", str(f3), timeout=180)  # ... then resumed to 3 on 2 processes
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from checkpoint at step 2" in r.stderr
+    assert r.stderr.count("mlcd: 3 steps in") == 1  # only the main process reports (and writes)
+
+    m1, m2 = (json.loads((p.metrics / "mlcd.json").read_text()) for p in (one, two))
+    assert m1["world_size"] == 1 and m2["world_size"] == 2 and m1["steps"] == m2["steps"] == 3
+    # the logged loss is the processes' mean, i.e. the one-process loss (the resumed run logs step 2 alone)
+    assert (2 * loss_01 + m2["final_consistency"]) / 3 == pytest.approx(m1["final_consistency"], rel=1e-4)
+    a = load_file(one.lora("mlcd") / "pytorch_lora_weights.safetensors")
+    b = load_file(two.lora("mlcd") / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    moved = max(a[k].abs().max().item() for k in a if "lora_B" in k)  # B starts at 0: how far training moved it
+    print(f"max |LoRA(1 process) - LoRA(2 processes)| = {diff:.3g} (tolerance {TOL}); max |B| = {moved:.3g}")
+    assert diff < TOL < moved / 10
+    leftovers = [p.name for p in two.checkpoints("mlcd").iterdir() if p.name.startswith(".")]
+    assert not leftovers  # one writer, atomic files
