@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pr)
     pr.add_argument("version", help="model version number (see alias 'candidate')")
     pr.add_argument("--force", action="store_true", help="promote even if the gates fail (recorded on the version)")
+
+    pl = sub.add_parser("plan", help="print the computed memory/throughput plan (SDXL on A100s, and the mini teacher)")
+    _common(pl)
+    pl.add_argument("--only", choices=("sdxl", "mini"), default=None, help="one of the two plans (default: both)")
+    pl.add_argument("--mfu", type=float, default=0.40, help="assumed A100 model-FLOPs utilisation (default 0.40)")
+    pl.add_argument("--headroom", type=float, default=0.10, help="fraction of the 80 GiB kept free (default 0.10)")
+    pl.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="SDXL weights/activations")
     return ap
 
 
@@ -103,6 +110,17 @@ def main(argv: list[str] | None = None) -> int:
 
             res = promote(args.version, params, force=args.force)
             print(f"{res.model_name} version {res.version} -> champion" + (" (forced past failing gates)" if res.forced else ""))
+        elif args.cmd == "plan":
+            import torch
+
+            from tlcm.plan import markdown_tables, mini_plan, sdxl_plan
+
+            plans = []
+            if args.only != "mini":
+                plans.append(sdxl_plan(args.mfu, args.headroom, dtype=getattr(torch, args.dtype)))
+            if args.only != "sdxl":
+                plans.append(mini_plan(params))
+            print("\n".join(markdown_tables(p) for p in plans))
         elif args.cmd == "generate":
             from tasks.generate import generate
 
