@@ -21,7 +21,7 @@ from tlcm.lora_io import load_lora_into, save_lora
 from tlcm.params import ConsistencyParams, Params
 from tlcm.paths import Paths
 from tlcm.storage import Checkpointer, atomic_write_json
-from tlcm.teacher_io import load_teacher, resolve_teacher
+from tlcm.teacher_io import autocast, float32_, load_frozen_teacher
 from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
@@ -97,7 +97,7 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
     world = D.world_size()
     D.check_batch(p.batch_size, f"{stage}.batch_size", world)
     dev = D.device()
-    pipe = load_teacher(resolve_teacher(params.teacher.source, paths.teacher))
+    pipe = load_frozen_teacher(params.teacher, paths.teacher)
     pipe.to(dev)
     unet = pipe.unet
     if init_from is None:
@@ -107,6 +107,7 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
         load_lora_into(unet, paths.lora(init_from))
     unet.to(dev)
     trainable = lora_parameters(unet)
+    float32_(trainable)
     for q in trainable:
         q.requires_grad_(True)
     D.broadcast_from_main(trainable)
@@ -126,6 +127,10 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
     def step_fn(step: int) -> dict[str, float]:
         if quick is not None and step % p.eval_every == 0:
             quick(step)
+        with autocast(params.teacher, dev):
+            return _step(step)
+
+    def _step(step: int) -> dict[str, float]:
         # the GLOBAL batch, drawn identically on every process, then this process's shard
         gen = step_generator(p.seed, step)
         B = p.batch_size

@@ -30,6 +30,7 @@ from tasks.finetune import AdapterState, Student, eq9_batch, passthrough, save_s
 from tlcm.params import DmganParams, Params
 from tlcm.paths import Paths
 from tlcm.storage import Checkpointer
+from tlcm.teacher_io import autocast, float32_
 from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
@@ -46,6 +47,7 @@ class Critics:
         if p.disc_tune == "lora":
             add_lora(self.unet, p.fake_rank, CRITIC)
         self.unet.set_adapter(STUDENT)
+        float32_([*lora_parameters(self.unet, FAKE), *lora_parameters(self.unet, CRITIC)])
         self.fake = Denoiser(self.unet, s.student.alphas_cumprod)
         self.head = gan.head_for(self.unet, text_dim)
         self.opt_fake = torch.optim.AdamW(lora_parameters(self.unet, FAKE), lr=p.fake_lr, weight_decay=0.0)
@@ -127,6 +129,10 @@ def run(params: Params, paths: Paths) -> dict:
     watch = CollapseWatch(p.collapse_window)
 
     def step_fn(step: int) -> dict[str, float]:
+        with autocast(params.teacher, s.unet.device):
+            return _step(step)
+
+    def _step(step: int) -> dict[str, float]:
         gen = step_generator(p.seed, step)
         b = eq9_batch(s, p.batch_size, p.student_steps_q, gen)
         terms: dict[str, torch.Tensor] = {}
@@ -145,14 +151,20 @@ def run(params: Params, paths: Paths) -> dict:
             grad, bad = dmd_gradient(x0.detach(), x0_real, x0_fake)
             terms["dm"] = dmd_loss(x0, grad)
             stats |= {"dmd_grad_norm": grad.flatten(1).norm(dim=1).mean().item(), "dmd_nonfinite_frac": bad}
+        gan_grad = None
         if p.gan_weight > 0:
             t_ = torch.randint(0, p.gan_t_max, (p.batch_size,), generator=gen)
             with critics.encoder():
                 fake_logits = critics.logits(q_sample(x0, torch.randn(x0.shape, generator=gen), t_, ac), t_, b.cond)
-            terms["gan_g"] = gan.g_loss(fake_logits, p.gan_loss)
+                terms["gan_g"] = gan.g_loss(fake_logits, p.gan_loss)
+                # ∂L_gan/∂z̃_0 while the encoder's adapter state is live (gradient checkpointing recomputes
+                # the encoder in backward); the student part of the graph is backpropagated below
+                (gan_grad,) = torch.autograd.grad(p.gan_weight * terms["gan_g"], x0)
         ensure_finite(terms, "dmgan", step)
-        weights = {"consistency": p.consistency_weight, "dm": p.dm_weight, "gan_g": p.gan_weight}
-        loss = sum(weights[k] * v for k, v in terms.items())
+        weights = {"consistency": p.consistency_weight, "dm": p.dm_weight}
+        loss = sum(weights[k] * v for k, v in terms.items() if k in weights)
+        if gan_grad is not None:
+            loss = loss + (x0 * gan_grad.detach()).sum()
         opt.zero_grad(set_to_none=True)
         s.accelerator.backward(loss)
         s.accelerator.clip_grad_norm_(s.trainable, 1.0)

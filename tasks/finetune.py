@@ -24,7 +24,7 @@ from tlcm.lora_io import load_lora_into, save_lora
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import atomic_dir, atomic_write_json
-from tlcm.teacher_io import load_teacher, resolve_teacher
+from tlcm.teacher_io import float32_, load_frozen_teacher
 
 log = logging.getLogger("tlcm")
 M_SEGMENTS = 8
@@ -50,10 +50,11 @@ class Student:
 
 def setup_student(params: Params, paths: Paths, init_from: str, section) -> Student:
     """``section``: the stage's params (its ``loss`` picks the consistency distance)."""
-    pipe = load_teacher(resolve_teacher(params.teacher.source, paths.teacher))
+    pipe = load_frozen_teacher(params.teacher, paths.teacher)
     unet = pipe.unet
     load_lora_into(unet, paths.lora(init_from))
     unet.set_adapter(STUDENT)
+    float32_(lora_parameters(unet, STUDENT))
     for q in lora_parameters(unet, STUDENT):
         q.requires_grad_(True)
     ac = pipe.scheduler.alphas_cumprod

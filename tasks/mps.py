@@ -22,6 +22,7 @@ from tasks.finetune import eq9_batch, passthrough, save_student, setup_student
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import Checkpointer
+from tlcm.teacher_io import autocast
 from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
@@ -60,6 +61,10 @@ def run(params: Params, paths: Paths) -> dict:
              "clean-render mean", p.condition, p.steps)
 
     def step_fn(step: int) -> dict[str, float]:
+        with autocast(params.teacher, s.unet.device):
+            return _step(step)
+
+    def _step(step: int) -> dict[str, float]:
         gen = step_generator(p.seed, step)
         b = eq9_batch(s, p.batch_size, p.student_steps_q, gen)
         target = ilcd_target(s.student, s.teacher, b.z_t, b.t, p.teacher_steps_p, b.cond, p.guidance_scale, s.ms)

@@ -137,3 +137,26 @@ def test_collapse_watch_reports_a_pinned_discriminator(caplog):
         w(step, acc, 1.0)
     assert w.collapses == [5]
     assert "discriminator collapse at step 5" in caplog.text
+
+
+def test_bf16_frozen_teacher_with_checkpointing_trains_float32_loras(student_chain, smoke_params, tmp_path):
+    """The sdxl memory plan (bf16 frozen weights, autocast, gradient checkpointing) on the small teacher:
+    mlcd and dmgan train, losses stay finite, the saved LoRAs are float32."""
+    from tasks import dmgan
+    from tasks.distill import distill
+    from tlcm.paths import Paths
+
+    paths = Paths(tmp_path)
+    for d in ("world", "teacher", "latent_lpips", "lora_ilcd"):
+        (tmp_path / d).symlink_to(getattr(student_chain, "root") / d)
+    t = smoke_params.teacher.model_copy(update={"dtype": "bfloat16", "gradient_checkpointing": True})
+    params = smoke_params.model_copy(update={"teacher": t, "mps": smoke_params.mps.model_copy(update={"enabled": False})})
+    m = distill(params, paths, "mlcd", "mlcd", None)
+    assert m["final_consistency"] is not None and m["final_consistency"] == m["final_consistency"]
+    from tasks import mps
+
+    mps.run(params, paths)
+    d = dmgan.run(params, paths)
+    assert all(v == v for k, v in d["last"].items())  # finite (NaN != NaN)
+    for st in ("mlcd", "dmgan"):
+        assert {v.dtype for v in _lora(paths.lora(st)).values()} == {torch.float32}

@@ -55,3 +55,24 @@ def load_teacher(source: str, dtype: torch.dtype = torch.float32):
         if m is not None:
             m.requires_grad_(False).eval()
     return pipe
+
+
+def load_frozen_teacher(teacher_params, artifacts_teacher: Path):
+    """The teacher as the distillation stages use it: frozen weights in ``teacher.dtype`` and, with
+    ``teacher.gradient_checkpointing``, UNet activations recomputed in backward (the SDXL memory plan)."""
+    pipe = load_teacher(resolve_teacher(teacher_params.source, artifacts_teacher), dtype=getattr(torch, teacher_params.dtype))
+    if teacher_params.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    return pipe
+
+
+def autocast(teacher_params, device: torch.device):
+    """Mixed precision for a training step when the frozen weights are not float32 (a no-op otherwise)."""
+    dtype = getattr(torch, teacher_params.dtype)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def float32_(params: list) -> None:
+    """Trainable adapter weights stay float32 (with their optimiser state) whatever the frozen weights' dtype."""
+    for q in params:
+        q.data = q.data.float()
