@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("version", help="model version number (see alias 'candidate')")
     pr.add_argument("--force", action="store_true", help="promote even if the gates fail (recorded on the version)")
 
+    cm = sub.add_parser("convert-mps", help="one-time conversion of the released (pickled) MPS checkpoint to safetensors")
+    _common(cm)
+    cm.add_argument("checkpoint", help="MPS_overall_checkpoint.pth (a pickled module: only convert files you trust)")
+    cm.add_argument("out", help="output folder (model.safetensors + config.json); then set reward.source to it")
+    cm.add_argument("--trust-pickled", action="store_true", help="required: allow torch.load(weights_only=False)")
+    cm.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder or cached hub id to copy alongside")
+
     pl = sub.add_parser("plan", help="print the computed memory/throughput plan (SDXL on A100s, and the mini teacher)")
     _common(pl)
     pl.add_argument("--only", choices=("sdxl", "mini"), default=None, help="one of the two plans (default: both)")
@@ -110,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
             res = promote(args.version, params, force=args.force)
             print(f"{res.model_name} version {res.version} -> champion" + (" (forced past failing gates)" if res.forced else ""))
+        elif args.cmd == "convert-mps":
+            from tlcm.reward_io import convert_mps
+
+            print(convert_mps(args.checkpoint, args.out, args.trust_pickled, args.tokenizer))
         elif args.cmd == "plan":
             import torch
 

@@ -1,0 +1,269 @@
+"""Stage `reward`: the shapes world's reward model with the MPS interface (DESIGN §3).
+
+Trained with a Bradley–Terry loss −log σ(s_w − s_l) (plus a small centring term that puts
+the preferred/rejected boundary at 0) on synthetic preference pairs made on the fly, a pure
+function of (seed, step):
+
+* ``detail``: preferred = a clean render of the prompt's spec, rejected = the same render
+  degraded (blur, noise, pixelation, colour wash-out, ghosting);
+* ``alignment``: one attribute of the spec changed (colour, shape, size, position/relation,
+  background); rejected = a render of the changed spec under the prompt (image side) or the
+  clean render under the changed spec's caption (text side, what Eq. 11's c_neg needs);
+* ``overall``: either kind.
+
+Training pairs use "train" specs (and only "train" changed specs); the held-out pairwise
+accuracy is measured on "eval" and "compositional" specs. ``margin_auto`` (per condition)
+is the mean score of clean aligned renders of held-out prompts: the `mps` stage's s0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from models.reward import CONDITIONS, DEGRADATIONS, ShapesReward, bradley_terry_loss, centering_loss, degrade, \
+    listwise_loss, pairwise_accuracy, tokenize
+from tlcm import world as W
+from tlcm.params import Params
+from tlcm.paths import Paths
+from tlcm.reward_io import TRAIN_HINT, check_mps_source, load_reward, load_tokenizer, save_shapes_reward  # noqa: F401
+from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json
+from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
+
+log = logging.getLogger("tlcm")
+
+ALIGNMENT_KINDS: tuple[str, ...] = ("colour", "shape", "size", "position", "background")
+CENTERING_WEIGHT = 0.01
+TEXT_NEGATIVES = 3  # one-attribute-off captions per training image in the listwise term
+ALIGNMENT_CONDITIONS = [CONDITIONS.index("overall"), CONDITIONS.index("alignment")]
+
+
+def alternatives(spec: W.Spec, kind: str) -> list[W.Spec]:
+    """Every spec that differs from ``spec`` in exactly one attribute of ``kind`` (a valid
+    spec of the grammar: two objects never look the same)."""
+    objs, out = spec.objects, []
+    if kind in ("colour", "shape"):
+        values = tuple(W.COLOURS) if kind == "colour" else W.SHAPES
+        field = "colour" if kind == "colour" else "shape"
+        for i, o in enumerate(objs):
+            for v in values:
+                new = replace(o, **{field: v})
+                others = [(q.colour, q.shape) for j, q in enumerate(objs) if j != i]
+                if v != getattr(o, field) and (new.colour, new.shape) not in others:
+                    out.append(replace(spec, objects=objs[:i] + (new,) + objs[i + 1:]))
+    elif kind == "size" and len(objs) == 1:
+        out = [replace(spec, objects=(replace(objs[0], size=s),)) for s in ("small", "large") if s != objs[0].size]
+    elif kind == "position":
+        if len(objs) == 1:
+            out = [replace(spec, position=p) for p in W.POSITIONS if p != spec.position]
+        else:
+            out = [replace(spec, relation=r) for r in W.RELATIONS if r != spec.relation]
+    elif kind == "background":
+        out = [replace(spec, bg=b) for b in W.BACKGROUNDS if b != spec.bg]
+    return out
+
+
+def misalign(spec: W.Spec, rng: np.random.Generator, train_only: bool) -> tuple[str, W.Spec]:
+    """One attribute changed at random (kind uniform over the kinds that apply); with
+    ``train_only`` the changed spec is itself a training spec (held-out combinations stay unseen)."""
+    options = {k: [s for s in alternatives(spec, k) if not train_only or s.split() == "train"] for k in ALIGNMENT_KINDS}
+    kinds = [k for k in ALIGNMENT_KINDS if options[k]]
+    if not kinds:  # no training spec is one attribute away: fall back to any spec
+        return misalign(spec, rng, train_only=False)
+    kind = kinds[rng.integers(len(kinds))]
+    return kind, options[kind][rng.integers(len(options[kind]))]
+
+
+@dataclass
+class Pairs:
+    """Preference pairs: (preferred image, prompt) over (rejected image, prompt), under a condition."""
+
+    preferred: torch.Tensor
+    rejected: torch.Tensor
+    prompts_w: list[str]
+    prompts_l: list[str]
+    conditions: torch.Tensor  # (N,) indices into CONDITIONS
+    kinds: list[str]  # "blur", ..., "colour/image", "colour/text", ...
+    specs: list[W.Spec]  # what the preferred images show
+
+    def __len__(self) -> int:
+        return len(self.kinds)
+
+    def part(self, a: int, b: int) -> Pairs:
+        return Pairs(self.preferred[a:b], self.rejected[a:b], self.prompts_w[a:b], self.prompts_l[a:b],
+                     self.conditions[a:b], self.kinds[a:b], self.specs[a:b])
+
+    @staticmethod
+    def concat(parts: list[Pairs]) -> Pairs:
+        return Pairs(torch.cat([q.preferred for q in parts]), torch.cat([q.rejected for q in parts]),
+                     sum((q.prompts_w for q in parts), []), sum((q.prompts_l for q in parts), []),
+                     torch.cat([q.conditions for q in parts]), sum((q.kinds for q in parts), []),
+                     sum((q.specs for q in parts), []))
+
+
+def make_pairs(seed: int, n: int, split: W.Split, two_object_frac: float, size: int,
+               conditions: list[int] | None = None) -> Pairs:
+    """``n`` pairs on specs of ``split``, a pure function of ``seed``. Conditions are drawn
+    uniformly unless given; an ``overall`` pair is a detail or an alignment pair (even odds)."""
+    rng = np.random.default_rng([seed, 17])
+    gen = step_generator(seed, 17)
+    specs = W.sample_specs(seed, n, split, two_object_frac)
+    clean = W.to_unit_tensor(W.render_batch(specs, seed, size))
+    conds = conditions if conditions is not None else [int(c) for c in rng.integers(len(CONDITIONS), size=n)]
+    rejected, prompts_l, kinds, to_render = clean.clone(), [s.caption() for s in specs], [""] * n, []
+    for i, (spec, c) in enumerate(zip(specs, conds)):
+        detail = CONDITIONS[c] == "detail" or (CONDITIONS[c] == "overall" and rng.random() < 0.5)
+        if detail:
+            kinds[i] = DEGRADATIONS[rng.integers(len(DEGRADATIONS))]
+            continue
+        kind, wrong = misalign(spec, rng, train_only=split == "train")
+        if rng.random() < 0.5:
+            kinds[i] = f"{kind}/image"
+            to_render.append((i, wrong))
+        else:
+            kinds[i], prompts_l[i] = f"{kind}/text", wrong.caption()
+    if to_render:
+        imgs = W.to_unit_tensor(W.render_batch([s for _, s in to_render], seed + 1, size))
+        rejected[[i for i, _ in to_render]] = imgs
+    for k in DEGRADATIONS:
+        idx = [i for i, kd in enumerate(kinds) if kd == k]
+        if idx:
+            rejected[idx] = degrade(clean[idx], k, gen)
+    return Pairs(clean, rejected, [s.caption() for s in specs], prompts_l, torch.tensor(conds), kinds, specs)
+
+
+def text_negatives(specs: list[W.Spec], seed: int, k: int) -> list[str]:
+    """Per spec, ``k`` captions one attribute away (training specs): ``len(specs) * k`` captions, spec-major."""
+    rng = np.random.default_rng([seed, 29])
+    return [misalign(spec, rng, train_only=True)[1].caption() for spec in specs for _ in range(k)]
+
+
+def train_scores(net: ShapesReward, tok, pairs: Pairs, negatives: list[str], text_conditions: torch.Tensor
+                 ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Scores of the preferred and rejected side of ``pairs``, and text-side lists: per clean
+    image (under ``text_conditions``, one per image), the scores of its own caption, of its
+    ``negatives`` (one attribute off) and of the other images' captions (irrelevant prompts,
+    Eq. 11's c_neg; −inf where a caption equals its own), shape (n, 1 + k + n − 1).
+    Every image and caption is encoded once."""
+    n, k = len(pairs), len(negatives) // len(pairs)
+    images = net.encode_images(torch.cat([pairs.preferred, pairs.rejected]))
+    texts = net.encode_texts(*tokenize(tok, pairs.prompts_w + pairs.prompts_l + negatives, net.config["max_length"]))
+    i = torch.arange(n)
+    s = net.fuse(images, texts, torch.cat([i, i + n]), torch.cat([i, i + n]), pairs.conditions.repeat(2))
+    captions = torch.cat([i, 2 * n + torch.arange(n * k)])  # own captions (all images), then the negatives
+    grid = net.fuse(images, texts, i.repeat_interleave(len(captions)), captions.repeat(n),
+                    text_conditions.repeat_interleave(len(captions))).view(n, len(captions))
+    own_negatives = grid[:, n:].view(n, n, k)[i, i]
+    same = torch.tensor([[a == b for b in pairs.prompts_w] for a in pairs.prompts_w])
+    others = grid[:, :n].masked_fill(same, float("-inf"))
+    return s.chunk(2), torch.cat([grid[i, i][:, None], own_negatives, others], 1)
+
+
+def train_seed(seed: int, step: int) -> int:
+    """The data seed of training step ``step`` (as ``world.train_batch``)."""
+    return (seed * 1_000_003 + step) % (2**32)
+
+
+def build(params: Params, vocab_size: int) -> ShapesReward:
+    """A fresh shapes-world reward model for ``params``."""
+    p = params.reward
+    return ShapesReward(vocab_size, params.teacher.text.max_length, p.width, params.world.image_size)
+
+
+def pair_scores(net: ShapesReward, tok, pairs: Pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the preferred and the rejected side, one forward pass over both."""
+    ids, mask = tokenize(tok, pairs.prompts_w + pairs.prompts_l, net.config["max_length"])
+    s = net(torch.cat([pairs.preferred, pairs.rejected]), ids, mask, pairs.conditions.repeat(2))
+    return s.chunk(2)
+
+
+def validation_pairs(params: Params) -> Pairs:
+    """Held-out pairs: half on "eval", half on "compositional" specs; conditions in turn."""
+    p, wp = params.reward, params.world
+    halves = [(p.n_val_pairs + 1) // 2, p.n_val_pairs // 2]
+    parts = [make_pairs(p.seed + 7 + k, n, split, wp.two_object_frac, wp.image_size,
+                        [i % len(CONDITIONS) for i in range(n)])
+             for k, (split, n) in enumerate(zip(("eval", "compositional"), halves)) if n]
+    return Pairs.concat(parts)
+
+
+@torch.no_grad()
+def evaluate(net: ShapesReward, tok, pairs: Pairs, batch: int = 256) -> dict:
+    """Held-out pairwise accuracy per condition and over all pairs, by kind, and margin_auto."""
+    net.eval()
+    sw, sl, clean = [], [], {c: [] for c in CONDITIONS}
+    for i in range(0, len(pairs), batch):
+        part = pairs.part(i, i + batch)
+        w, l_ = pair_scores(net, tok, part)
+        sw.append(w), sl.append(l_)
+        ids, mask = tokenize(tok, part.prompts_w, net.config["max_length"])
+        for c in CONDITIONS:
+            clean[c].append(net(part.preferred, ids, mask, net.condition_ids(c, len(part))))
+    sw, sl = torch.cat(sw), torch.cat(sl)
+    acc = {c: pairwise_accuracy(sw[pairs.conditions == k], sl[pairs.conditions == k])
+           for k, c in enumerate(CONDITIONS) if (pairs.conditions == k).any()}
+    acc["all"] = pairwise_accuracy(sw, sl)
+    kinds = np.array(pairs.kinds)
+    by_kind = {k: pairwise_accuracy(sw[torch.from_numpy(kinds == k)], sl[torch.from_numpy(kinds == k)])
+               for k in sorted(set(pairs.kinds))}
+    return {"accuracy": acc, "accuracy_by_kind": by_kind, "n_val_pairs": len(pairs),
+            "margin_auto": {c: torch.cat(v).mean().item() for c, v in clean.items()},
+            "mean_score_rejected": sl.mean().item()}
+
+
+def run(params: Params, paths: Paths) -> dict:
+    p, wp = params.reward, params.world
+    if p.source != "train":  # a real MPS checkpoint: check it (cheaply), train nothing
+        found = check_mps_source(p.source, p.trust_pickled)
+        metrics = {"source": p.source, "found": found, "margin_auto": None}
+        with atomic_dir(paths.reward) as out:  # the DVC out: a record of which checkpoint the stages use
+            (out / "source.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_json(paths.metrics / "reward.json", metrics)
+        log.info("reward: reward.source = %s (%s); nothing to train", p.source, found)
+        return metrics
+    tok = load_tokenizer(paths.tokenizer, "world", "run `tlcm stage world` first")
+    torch.manual_seed(p.seed)
+    net = build(params, len(tok))
+    opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=1e-4)
+    log.info("reward: %d weights, %d steps of %d pairs", sum(q.numel() for q in net.parameters()), p.steps,
+             p.batch_size)
+
+    def step_fn(step: int) -> dict[str, float]:
+        for g in opt.param_groups:
+            g["lr"] = p.lr * cosine_warmup(step, min(50, p.steps // 10 + 1), p.steps, floor=0.05)
+        net.train()
+        seed = train_seed(p.seed, step)
+        pairs = make_pairs(seed, p.batch_size, "train", wp.two_object_frac, wp.image_size)
+        negatives = text_negatives(pairs.specs, seed, TEXT_NEGATIVES)
+        text_conditions = torch.from_numpy(np.random.default_rng([seed, 31]).choice(ALIGNMENT_CONDITIONS, p.batch_size))
+        (sw, sl), lists = train_scores(net, tok, pairs, negatives, text_conditions)
+        terms = {"bt": bradley_terry_loss(sw, sl), "listwise": listwise_loss(lists),
+                 "center": CENTERING_WEIGHT * centering_loss(sw, sl)}
+        ensure_finite(terms, "reward", step)
+        opt.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        opt.step()
+        return {k: v.item() for k, v in terms.items()} | {"acc": pairwise_accuracy(sw.detach(), sl.detach())}
+
+    ckpt = Checkpointer(paths.checkpoints("reward"), fingerprint(p, wp, params.teacher.text.max_length))
+    res = run_loop("reward", p.steps, step_fn, {"net": net, "opt": opt}, ckpt, p.checkpoint_every,
+                   log_every=max(1, min(50, p.steps // 4)), max_minutes=p.max_minutes)
+    metrics = {"steps": res.steps_done, "train_seconds": res.seconds, **evaluate(net, tok, validation_pairs(params))}
+    with atomic_dir(paths.reward) as out:
+        save_shapes_reward(net, out, paths.tokenizer, {"conditions": list(CONDITIONS),
+                                                       "margin_auto": metrics["margin_auto"]})
+    atomic_write_json(paths.metrics / "reward.json", metrics)
+    acc = metrics["accuracy"]
+    log.info("reward: held-out pairwise accuracy %.4f (overall %.4f, alignment %.4f, detail %.4f); margin_auto %s",
+             acc["all"], acc.get("overall", float("nan")), acc.get("alignment", float("nan")),
+             acc.get("detail", float("nan")), {k: round(v, 3) for k, v in metrics["margin_auto"].items()})
+    return metrics
+
+
+def require(paths: Paths) -> None:
+    """Stop with what to do when the trained reward model is missing."""
+    if not (paths.reward / "model.safetensors").is_file():
+        raise ArtifactError(f"reward model not found in {paths.reward}; {TRAIN_HINT}")
