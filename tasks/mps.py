@@ -11,6 +11,7 @@ renders of held-out prompts under the condition (``margin_auto``, measured by th
 """
 from __future__ import annotations
 
+import json
 import logging
 
 import torch
@@ -35,13 +36,15 @@ def decode_to_unit(vae, z0: torch.Tensor) -> torch.Tensor:
     return (x / 2 + 0.5).clamp(0, 1)
 
 
-def margin(p, scorer) -> float:
+def margin(p, paths: Paths) -> float:
+    """s0: ``mps.margin``, else the reward model's ``margin_auto`` for the condition (its config.json)."""
     if p.margin is not None:
         return float(p.margin)
-    auto = getattr(scorer, "margin_auto", None) or {}
+    cfg = paths.reward / "config.json"
+    auto = (json.loads(cfg.read_text()).get("margin_auto") or {}) if cfg.is_file() else {}
     if p.condition not in auto:
-        raise ValueError(f"mps.margin is null but the reward model records no margin for condition '{p.condition}' "
-                         f"(it has {sorted(auto)}); set mps.margin in params.yaml (MPS checkpoints: 16)")
+        raise ValueError(f"mps.margin is null but the reward model ({cfg}) records no margin for condition "
+                         f"'{p.condition}' (it has {sorted(auto)}); set mps.margin in params.yaml (MPS checkpoints: 16)")
     return float(auto[p.condition])
 
 
@@ -53,7 +56,7 @@ def run(params: Params, paths: Paths) -> dict:
 
     s = setup_student(params, paths, INIT_FROM, p)
     scorer = load_reward(params, paths)
-    s0 = margin(p, scorer)
+    s0 = margin(p, paths)
     vae = s.pipe.vae.requires_grad_(False)
     opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
     unet, opt = s.accelerator.prepare(s.unet, opt)

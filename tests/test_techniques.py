@@ -160,3 +160,24 @@ def test_bf16_frozen_teacher_with_checkpointing_trains_float32_loras(student_cha
     assert all(v == v for k, v in d["last"].items())  # finite (NaN != NaN)
     for st in ("mlcd", "dmgan"):
         assert {v.dtype for v in _lora(paths.lora(st)).values()} == {torch.float32}
+
+
+def test_mps_stage_optimises_the_reward_with_the_measured_margin(student_chain, smoke_params):
+    import shutil
+
+    from tasks import mps
+    from tasks.registry import run_stage
+
+    paths = student_chain
+    run_stage("reward", smoke_params, paths)
+    shutil.rmtree(paths.checkpoints("mps"), ignore_errors=True)
+    params = smoke_params.model_copy(update={"mps": smoke_params.mps.model_copy(update={"lr": 1e-3})})
+    m = mps.run(params, paths)
+    auto = json.loads((paths.reward / "config.json").read_text())["margin_auto"]["overall"]
+    assert m["s0"] == pytest.approx(auto)
+    for k in ("consistency", "mps_pos", "mps_neg", "reward_pos", "reward_neg"):
+        assert k in m["last"], k
+    before, after = _lora(paths.lora("ilcd")), _lora(paths.lora("mps"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    fixed = params.model_copy(update={"mps": params.mps.model_copy(update={"margin": 16.0})})
+    assert mps.margin(fixed.mps, paths) == 16.0
