@@ -49,7 +49,9 @@ def test_own_ddim_sampler_matches_diffusers_pipeline(smoke_artifacts):
 def test_evaluate_writes_table_grid_and_metrics(smoke_artifacts, smoke_params):
     from tasks.registry import run_stage
 
-    run_stage("evaluate", smoke_params, smoke_artifacts)
+    params = smoke_params.model_copy(update={"evaluate": smoke_params.evaluate.model_copy(update={"student_stages": ()})})
+    run_stage("reward", params, smoke_artifacts)  # the reward column (the teacher rows need no LoRA)
+    run_stage("evaluate", params, smoke_artifacts)
     bench = json.loads((smoke_artifacts.benchmark / "benchmark.json").read_text())
     rows = bench["rows"]
     assert rows[0]["method"].startswith("real renders")
@@ -57,7 +59,7 @@ def test_evaluate_writes_table_grid_and_metrics(smoke_artifacts, smoke_params):
     assert [r["steps"] for r in teacher_rows] == list(smoke_params.evaluate.teacher_steps)
     for r in teacher_rows:
         assert 0.0 <= r["alignment"] <= 1.0 and np.isfinite(r["frechet"]) and r["sec_per_image"] > 0
-        assert r["unet_evals"] == 2 * r["steps"] and r["real_images_used"] == 0
+        assert r["unet_evals"] == 2 * r["steps"] and r["real_images_used"] == 0 and isinstance(r["reward"], float)
     assert "| method |" in (smoke_artifacts.benchmark / "benchmark.md").read_text()
     assert (smoke_artifacts.benchmark / "samples.png").stat().st_size > 1000
 
