@@ -176,36 +176,38 @@ class RewardParams(Section):
     max_minutes: float = Field(0.0, ge=0)
 
 
-class MpsParams(Section):
-    """Stage `mps` (Eq. 11) on top of the iLCD LoRA: L = w_c L_ilcd + w_mps L_mps."""
+class TechniqueParams(Section):
+    """Shared by `mps` and `dmgan`: both continue the unified LoRA on Eq. 9 batches (ẑ_0 from q student
+    steps, forward-diffused to a milestone) and keep iLCD's consistency term (p teacher CFG steps)."""
     enabled: bool = Field(True, description="false: the stage passes its input LoRA through unchanged (ablation)")
     seed: int = 9
-    condition: str = Field("overall", description="MPS condition the reward is asked under")
-    margin: float | None = Field(None, description="s0 of Eq. 11; null = the reward model's mean score on clean, "
-                                                    "aligned renders (shapes world); sdxl: 16 (MPS's scale)")
-    mps_weight: float = Field(1.0, ge=0)
     consistency_weight: float = Field(1.0, ge=0, description="weight of the iLCD consistency term kept alongside")
-    guidance_scale: float = Field(5.0, ge=0)
+    guidance_scale: float = Field(5.0, ge=0, description="CFG w of the teacher (sdxl: 8.0)")
     teacher_steps_p: int = Field(3, gt=0)
     student_steps_q: int = Field(4, gt=0)
     loss: Literal["mse", "lpips"] = "lpips"
     steps: int = Field(500, gt=0)
     batch_size: int = Field(8, gt=0)
     lr: float = Field(1e-5, gt=0)
-    eval_every: int = Field(0, ge=0)
-    eval_prompts: int = Field(64, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     max_minutes: float = Field(0.0, ge=0)
 
 
-class DmganParams(Section):
+class MpsParams(TechniqueParams):
+    """Stage `mps` (Eq. 11) on top of the iLCD LoRA: L = w_c L_ilcd + w_mps L_mps."""
+    condition: str = Field("overall", description="MPS condition the reward is asked under")
+    margin: float | None = Field(None, description="s0 of Eq. 11; null = the reward model's mean score on clean, "
+                                                    "aligned renders (shapes world); sdxl: 16 (MPS's scale)")
+    mps_weight: float = Field(1.0, ge=0)
+
+
+class DmganParams(TechniqueParams):
     """Stage `dmgan` (Eq. 12–13): data-free distribution matching + adversarial loss on the unified LoRA."""
-    enabled: bool = Field(True, description="false: the stage passes its input LoRA through unchanged (ablation)")
     seed: int = 10
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(4, gt=0)
     dm_weight: float = Field(1.0, ge=0, description="0 switches distribution matching off")
     gan_weight: float = Field(0.1, ge=0, description="0 switches the adversarial loss off")
-    consistency_weight: float = Field(1.0, ge=0)
-    guidance_scale: float = Field(5.0, ge=0, description="CFG w of the real score (sdxl: 8.0)")
     fake_rank: int = Field(16, gt=0, description="rank of the fake-score LoRA adapter")
     fake_lr: float = Field(1e-4, gt=0)
     disc_lr: float = Field(1e-4, gt=0)
@@ -216,16 +218,6 @@ class DmganParams(Section):
     dm_t_max: int = Field(980, gt=0)
     gan_t_max: int = Field(750, gt=0, description="t' for the discriminator's forward diffusion, U[0, gan_t_max)")
     collapse_window: int = Field(20, gt=0, description="steps of discriminator accuracy 1.0 that count as a collapse")
-    teacher_steps_p: int = Field(3, gt=0)
-    student_steps_q: int = Field(4, gt=0)
-    loss: Literal["mse", "lpips"] = "lpips"
-    steps: int = Field(1000, gt=0)
-    batch_size: int = Field(4, gt=0)
-    lr: float = Field(1e-5, gt=0)
-    eval_every: int = Field(0, ge=0)
-    eval_prompts: int = Field(64, gt=0)
-    checkpoint_every: int = Field(50, gt=0)
-    max_minutes: float = Field(0.0, ge=0)
 
 
 class PromptsParams(Section):
