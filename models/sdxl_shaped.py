@@ -55,24 +55,30 @@ def build_text_encoders(vocab_size: int, hidden: int, layers: int, heads: int, p
     return te1, te2
 
 
+def _unet(down: tuple[str, ...], up: tuple[str, ...], block_out_channels: tuple[int, ...], layers_per_block: int,
+          attention_head_dim: int, cross_attention_dim: int, latent_channels: int, sample_size: int,
+          **extra) -> UNet2DConditionModel:
+    """A small UNet2DConditionModel with the given block pattern (heads = channels / head dim)."""
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
+        down_block_types=down, up_block_types=up, block_out_channels=tuple(block_out_channels),
+        layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=tuple(max(1, c // attention_head_dim) for c in block_out_channels),
+        norm_num_groups=min(32, block_out_channels[0]), **extra,
+    )
+
+
 def build_unet(
     block_out_channels: tuple[int, ...], layers_per_block: int, attention_head_dim: int, cross_attention_dim: int,
     pooled_dim: int, addition_time_embed_dim: int, latent_channels: int, sample_size: int,
 ) -> UNet2DConditionModel:
     """SDXL's block pattern scaled down: plain blocks at the finest level, cross-attention below."""
     n = len(block_out_channels)
-    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
-    up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
-    heads = tuple(max(1, c // attention_head_dim) for c in block_out_channels)
-    return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
-        down_block_types=down, up_block_types=up, block_out_channels=tuple(block_out_channels),
-        layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim,
-        attention_head_dim=heads, norm_num_groups=min(32, block_out_channels[0]),
-        addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
-        projection_class_embeddings_input_dim=pooled_dim + 6 * addition_time_embed_dim,
-        transformer_layers_per_block=1, use_linear_projection=True,
-    )
+    return _unet(("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1), ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+                 block_out_channels, layers_per_block, attention_head_dim, cross_attention_dim, latent_channels, sample_size,
+                 addition_embed_type="text_time", addition_time_embed_dim=addition_time_embed_dim,
+                 projection_class_embeddings_input_dim=pooled_dim + 6 * addition_time_embed_dim,
+                 transformer_layers_per_block=1, use_linear_projection=True)
 
 
 def build_scheduler() -> EulerDiscreteScheduler:
@@ -89,15 +95,8 @@ def build_sd15_unet(block_out_channels: tuple[int, ...], layers_per_block: int, 
                     cross_attention_dim: int, latent_channels: int, sample_size: int) -> UNet2DConditionModel:
     """SD1.5's block pattern scaled down: cross-attention at every level but the coarsest, no ``text_time``."""
     n = len(block_out_channels)
-    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
-    heads = tuple(max(1, c // attention_head_dim) for c in block_out_channels)
-    return UNet2DConditionModel(
-        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels,
-        down_block_types=down, up_block_types=up, block_out_channels=tuple(block_out_channels),
-        layers_per_block=layers_per_block, cross_attention_dim=cross_attention_dim,
-        attention_head_dim=heads, norm_num_groups=min(32, block_out_channels[0]),
-    )
+    return _unet(("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",), ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+                 block_out_channels, layers_per_block, attention_head_dim, cross_attention_dim, latent_channels, sample_size)
 
 
 def build_sd15_scheduler() -> PNDMScheduler:

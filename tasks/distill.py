@@ -17,7 +17,7 @@ from models.denoiser import Denoiser, encode_prompts
 from models.lora import FrozenTeacher, add_lora, lora_parameters
 from models.tlcm import ilcd_terms, milestones, mlcd_pair, mlcd_terms
 from tlcm import distributed as D
-from tlcm.lora_io import load_lora_into, save_lora
+from tlcm.lora_io import AdapterState, load_lora_into, save_lora
 from tlcm.params import ConsistencyParams, Params
 from tlcm.paths import Paths
 from tlcm.storage import Checkpointer, atomic_write_json
@@ -161,7 +161,7 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
         return {k: v.item() for k, v in terms.items()}
 
     ckpt = Checkpointer(paths.checkpoints(stage), fingerprint(p, params.teacher, stage, init_from))
-    lora_state = _LoraState(unet)
+    lora_state = AdapterState(unet)
     res = run_loop(stage, p.steps, step_fn, {"lora": lora_state, "opt": opt}, ckpt, p.checkpoint_every,
                    max_minutes=p.max_minutes)
     if quick is not None:
@@ -179,20 +179,3 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
                  paths.lora(stage))
     D.barrier()
     return metrics
-
-
-class _LoraState:
-    """Checkpoint only the LoRA weights (the frozen teacher is not part of the state)."""
-
-    def __init__(self, unet):
-        self.unet = unet
-
-    def state_dict(self) -> dict:
-        from tlcm.lora_io import lora_state
-
-        return lora_state(self.unet)
-
-    def load_state_dict(self, state: dict) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.unet, state, adapter_name="student")

@@ -26,11 +26,12 @@ from models.diffusion import q_sample
 from models.dmd import dmd_gradient, dmd_loss, fake_score_loss
 from models.lora import STUDENT, adapter_active, adapters_disabled, add_lora, lora_parameters
 from models.tlcm import f_theta_x0, ilcd_target
-from tasks.finetune import AdapterState, Student, eq9_batch, passthrough, save_student, setup_student
+from tasks.finetune import Student, autocast_steps, eq9_batch, passthrough, save_student, setup_student
 from tlcm.params import DmganParams, Params
+from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
 from tlcm.storage import Checkpointer
-from tlcm.teacher_io import autocast, float32_
+from tlcm.teacher_io import float32_
 from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
@@ -129,10 +130,6 @@ def run(params: Params, paths: Paths) -> dict:
     watch = CollapseWatch(p.collapse_window)
 
     def step_fn(step: int) -> dict[str, float]:
-        with autocast(params.teacher, s.unet.device):
-            return _step(step)
-
-    def _step(step: int) -> dict[str, float]:
         gen = step_generator(p.seed, step)
         b = eq9_batch(s, p.batch_size, p.student_steps_q, gen)
         terms: dict[str, torch.Tensor] = {}
@@ -184,7 +181,8 @@ def run(params: Params, paths: Paths) -> dict:
     if p.disc_tune == "lora":
         state["critic"] = AdapterState(s.unet, CRITIC)
     ckpt = Checkpointer(paths.checkpoints("dmgan"), fingerprint(p, params.teacher, INIT_FROM))
-    res = run_loop("dmgan", p.steps, step_fn, state, ckpt, p.checkpoint_every, log_every=10, max_minutes=p.max_minutes)
+    res = run_loop("dmgan", p.steps, autocast_steps(params.teacher, s.unet.device, step_fn), state, ckpt,
+                   p.checkpoint_every, log_every=10, max_minutes=p.max_minutes)
     s.unet.set_adapter(STUDENT)
     return save_student(s, paths, "dmgan", {"init_from": INIT_FROM, "params": p.model_dump(mode="json")},
                         {"steps": res.steps_done, "train_seconds": res.seconds, "collapse_steps": watch.collapses,

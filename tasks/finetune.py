@@ -24,7 +24,7 @@ from tlcm.lora_io import load_lora_into, save_lora
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import atomic_dir, atomic_write_json
-from tlcm.teacher_io import float32_, load_frozen_teacher
+from tlcm.teacher_io import autocast, float32_, load_frozen_teacher
 
 log = logging.getLogger("tlcm")
 M_SEGMENTS = 8
@@ -116,18 +116,10 @@ def save_student(s: Student, paths: Paths, stage: str, info: dict, metrics: dict
     return metrics
 
 
-class AdapterState:
-    """Checkpoint one LoRA adapter of the shared UNet (the frozen teacher weights are not state)."""
 
-    def __init__(self, unet, name: str):
-        self.unet, self.name = unet, name
-
-    def state_dict(self) -> dict:
-        from tlcm.lora_io import lora_state
-
-        return lora_state(self.unet, self.name)
-
-    def load_state_dict(self, state: dict) -> None:
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.unet, state, adapter_name=self.name)
+def autocast_steps(teacher_params, device, step: Callable[[int], dict[str, float]]) -> Callable[[int], dict[str, float]]:
+    """The training step under the teacher's mixed precision (a no-op for float32 weights)."""
+    def run(i: int) -> dict[str, float]:
+        with autocast(teacher_params, device):
+            return step(i)
+    return run

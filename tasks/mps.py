@@ -18,12 +18,11 @@ import torch
 
 from models.preference import irrelevant_prompts, mps_terms
 from models.tlcm import f_theta_x0, ilcd_target
-from tasks.distill import _LoraState
-from tasks.finetune import eq9_batch, passthrough, save_student, setup_student
+from tasks.finetune import autocast_steps, eq9_batch, passthrough, save_student, setup_student
 from tlcm.params import Params
+from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
 from tlcm.storage import Checkpointer
-from tlcm.teacher_io import autocast
 from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
@@ -64,10 +63,6 @@ def run(params: Params, paths: Paths) -> dict:
              "clean-render mean", p.condition, p.steps)
 
     def step_fn(step: int) -> dict[str, float]:
-        with autocast(params.teacher, s.unet.device):
-            return _step(step)
-
-    def _step(step: int) -> dict[str, float]:
         gen = step_generator(p.seed, step)
         b = eq9_batch(s, p.batch_size, p.student_steps_q, gen)
         target = ilcd_target(s.student, s.teacher, b.z_t, b.t, p.teacher_steps_p, b.cond, p.guidance_scale, s.ms)
@@ -87,7 +82,8 @@ def run(params: Params, paths: Paths) -> dict:
                 "reward_neg": s_neg.mean().item()}
 
     ckpt = Checkpointer(paths.checkpoints("mps"), fingerprint(p, params.teacher, params.reward, INIT_FROM))
-    res = run_loop("mps", p.steps, step_fn, {"lora": _LoraState(unet), "opt": opt}, ckpt, p.checkpoint_every,
+    res = run_loop("mps", p.steps, autocast_steps(params.teacher, s.unet.device, step_fn),
+                   {"lora": AdapterState(unet), "opt": opt}, ckpt, p.checkpoint_every,
                    log_every=10, max_minutes=p.max_minutes)
     last = res.history[-1] if res.history else {}
     return save_student(s, paths, "mps", {"init_from": INIT_FROM, "params": p.model_dump(mode="json"), "s0": s0},

@@ -48,3 +48,16 @@ def load_lora_into(unet, folder: str | Path, name: str = STUDENT) -> None:
     missing = [k for k in getattr(res, "unexpected_keys", []) if "lora" in k]
     if missing:
         raise ArtifactError(f"LoRA file {folder / WEIGHTS} has keys this UNet does not: {missing[:3]} ...")
+
+
+class AdapterState:
+    """Checkpoint state of one LoRA adapter of the shared UNet (the frozen teacher weights are not state)."""
+
+    def __init__(self, unet, name: str = STUDENT):
+        self.unet, self.name = unet, name
+
+    def state_dict(self) -> dict:
+        return lora_state(self.unet, self.name)
+
+    def load_state_dict(self, state: dict) -> None:
+        set_peft_model_state_dict(self.unet, state, adapter_name=self.name)
