@@ -66,12 +66,19 @@ class FeatureExtractor(nn.Module):
         return self.net.features(x).double()
 
 
-def classification_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cross-entropy per head (unweighted, named terms); label -1 means "does not apply"."""
+def classification_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+                        counts: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
+    """Cross-entropy per head (unweighted, named terms); label -1 means "does not apply".
+
+    Each term is the sum of the applicable images' cross-entropies divided by ``counts[k]``
+    (default: the number of applicable labels here, i.e. the mean). A process holding a shard of
+    a batch passes the batch's count divided by the number of processes, so the processes' mean
+    of the terms (and of their gradients) is the whole batch's mean."""
     out = {}
     for k, lg in logits.items():
         y = labels[k]
-        out[k] = F.cross_entropy(lg, y, ignore_index=-1) if (y >= 0).any() else lg.sum() * 0.0
+        n = float((y >= 0).sum()) if counts is None else counts[k]
+        out[k] = F.cross_entropy(lg, y, ignore_index=-1, reduction="sum") / n if n > 0 else lg.sum() * 0.0
     return out
 
 

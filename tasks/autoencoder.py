@@ -10,33 +10,39 @@ import torch
 import torch.nn.functional as F
 
 from models.sdxl_shaped import build_vae
+from tlcm import distributed as D
 from tlcm import world as W
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import Checkpointer, atomic_dir, atomic_write_json
-from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop
+from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
 
 def run(params: Params, paths: Paths) -> dict:
     p, wp = params.autoencoder, params.world
+    D.check_batch(p.batch_size, "autoencoder.batch_size")
     torch.manual_seed(p.seed)
-    vae = build_vae(p.block_out_channels, p.layers_per_block, p.latent_channels, wp.image_size)
+    vae = build_vae(p.block_out_channels, p.layers_per_block, p.latent_channels, wp.image_size).to(D.device())
+    D.broadcast_from_main(vae.parameters())
     opt = torch.optim.AdamW(vae.parameters(), lr=p.lr, weight_decay=0.0)
 
     def step_fn(step: int) -> dict[str, float]:
         for g in opt.param_groups:
             g["lr"] = p.lr * cosine_warmup(step, 100, p.steps)
+        # the GLOBAL batch and its posterior noise on every process; this process's shard
         _, imgs = W.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size)
-        x = W.to_unit_tensor(imgs) * 2 - 1
+        x = D.shard(W.to_unit_tensor(imgs) * 2 - 1).to(D.device())
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        noise = torch.randn((p.batch_size, *post.mean.shape[1:]), generator=step_generator(p.seed, step))
+        rec = vae.decode(post.mean + post.std * D.shard(noise).to(x.device)).sample  # z ~ q(z|x)
         terms = {"mse": F.mse_loss(rec, x), "l1": F.l1_loss(rec, x), "kl": post.kl().mean() / x[0].numel()}
         ensure_finite(terms, "autoencoder", step)
         loss = terms["mse"] + terms["l1"] + p.kl_weight * terms["kl"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # means over the shard: the processes' mean gradient is the global batch's
+        D.average_gradients(vae.parameters())
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         return {k: v.item() for k, v in terms.items()}
@@ -46,7 +52,7 @@ def run(params: Params, paths: Paths) -> dict:
                    max_minutes=p.max_minutes)
 
     # SD's convention: scale latents to unit variance (SDXL uses 0.13025 for its VAE).
-    vae.eval()
+    vae.eval().to("cpu")
     with torch.no_grad():
         _, imgs = W.train_batch(p.seed + 1, 0, 256, wp.two_object_frac, wp.image_size)
         x = W.to_unit_tensor(imgs) * 2 - 1
@@ -55,9 +61,12 @@ def run(params: Params, paths: Paths) -> dict:
         psnr = (10 * torch.log10(4.0 / F.mse_loss(rec, x))).item()
         scale = float(1.0 / z.std())
     vae.register_to_config(scaling_factor=scale)
-    metrics = {"psnr_db": psnr, "scaling_factor": scale, "steps": res.steps_done, "train_seconds": res.seconds}
-    with atomic_dir(paths.autoencoder) as out:
-        vae.save_pretrained(out, safe_serialization=True)
-    atomic_write_json(paths.metrics / "autoencoder.json", metrics)
-    log.info("autoencoder: reconstruction PSNR %.2f dB, scaling_factor %.4f", psnr, scale)
+    metrics = {"psnr_db": psnr, "scaling_factor": scale, "steps": res.steps_done, "train_seconds": res.seconds,
+               "world_size": D.world_size()}
+    if D.is_main():
+        with atomic_dir(paths.autoencoder) as out:
+            vae.save_pretrained(out, safe_serialization=True)
+        atomic_write_json(paths.metrics / "autoencoder.json", metrics)
+        log.info("autoencoder: reconstruction PSNR %.2f dB, scaling_factor %.4f", psnr, scale)
+    D.barrier()
     return metrics

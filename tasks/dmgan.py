@@ -26,7 +26,9 @@ from models.diffusion import q_sample
 from models.dmd import dmd_gradient, dmd_loss, fake_score_loss
 from models.lora import STUDENT, adapter_active, adapters_disabled, add_lora, lora_parameters
 from models.tlcm import f_theta_x0, ilcd_target
-from tasks.finetune import Student, autocast_steps, eq9_batch, passthrough, save_student, setup_student
+from tasks.finetune import (Student, autocast_steps, draw_randint, draw_randn, eq9_batch, passthrough, save_student,
+                            setup_student, step_backward)
+from tlcm import distributed as D
 from tlcm.params import DmganParams, Params
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
@@ -44,16 +46,27 @@ class Critics:
 
     def __init__(self, s: Student, p: DmganParams, text_dim: int):
         self.s, self.p, self.unet = s, p, s.unet
+        torch.manual_seed(p.seed)  # the fake/critic LoRA A and the head start from the stage's seed
         add_lora(self.unet, p.fake_rank, FAKE)
         if p.disc_tune == "lora":
             add_lora(self.unet, p.fake_rank, CRITIC)
         self.unet.set_adapter(STUDENT)
         float32_([*lora_parameters(self.unet, FAKE), *lora_parameters(self.unet, CRITIC)])
         self.fake = Denoiser(self.unet, s.student.alphas_cumprod)
-        self.head = gan.head_for(self.unet, text_dim)
-        self.opt_fake = torch.optim.AdamW(lora_parameters(self.unet, FAKE), lr=p.fake_lr, weight_decay=0.0)
-        d_params = [*self.head.parameters(), *(lora_parameters(self.unet, CRITIC) if p.disc_tune == "lora" else [])]
-        self.opt_d = torch.optim.AdamW(d_params, lr=p.disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
+        self.head = gan.head_for(self.unet, text_dim).to(D.device())
+        # random initial weights (fake/critic LoRA A, the head): every process starts from the main one's
+        D.broadcast_from_main([*self.fake_params, *self.critic_params, *self.head.parameters()])
+        self.opt_fake = torch.optim.AdamW(self.fake_params, lr=p.fake_lr, weight_decay=0.0)
+        self.d_params = [*self.head.parameters(), *self.critic_params]
+        self.opt_d = torch.optim.AdamW(self.d_params, lr=p.disc_lr, betas=(0.0, 0.99), weight_decay=0.0)
+
+    @property
+    def fake_params(self) -> list:
+        return lora_parameters(self.unet, FAKE)
+
+    @property
+    def critic_params(self) -> list:
+        return lora_parameters(self.unet, CRITIC) if self.p.disc_tune == "lora" else []
 
     def encoder(self):
         """The discriminator's encoder weights: the teacher's (adapters off) or the critic adapter."""
@@ -67,31 +80,35 @@ class Critics:
             return self.fake.x0(x_t, t, c)
 
     def update(self, z0_real: torch.Tensor, z0_fake: torch.Tensor, c, gen: torch.Generator) -> dict[str, float]:
-        """One fake-score step (diffusion loss on detached student samples) and one discriminator step."""
-        p, ac, n = self.p, self.s.student.alphas_cumprod, z0_fake.shape[0]
+        """One fake-score step (diffusion loss on detached student samples) and one discriminator step.
+
+        The samples are this process's shard; the draws are made for the global batch."""
+        p, ac, n = self.p, self.s.student.alphas_cumprod, self.p.batch_size
         out: dict[str, float] = {}
         if p.dm_weight > 0:
-            tau = torch.randint(p.dm_t_min, p.dm_t_max, (n,), generator=gen)
-            noise = torch.randn(z0_fake.shape, generator=gen)
+            tau = draw_randint(gen, p.dm_t_min, p.dm_t_max, n)
+            noise = draw_randn(gen, n, *z0_fake.shape[1:])
             with adapter_active(self.unet, FAKE):  # forward and backward while the adapter is live
                 loss = fake_score_loss(self.fake.eps(q_sample(z0_fake, noise, tau, ac), tau, c), noise)
                 ensure_finite({"fake_score": loss}, "dmgan", -1)
                 self.opt_fake.zero_grad(set_to_none=True)
-                loss.backward()
+                step_backward(loss, self.fake_params)
             self.opt_fake.step()
             out["fake_score_loss"] = loss.item()
         if p.gan_weight > 0:
-            t_ = torch.randint(0, p.gan_t_max, (n,), generator=gen)
-            zr = q_sample(z0_real, torch.randn(z0_real.shape, generator=gen), t_, ac)
-            zf = q_sample(z0_fake, torch.randn(z0_fake.shape, generator=gen), t_, ac)
+            t_ = draw_randint(gen, 0, p.gan_t_max, n)
+            zr = q_sample(z0_real, draw_randn(gen, n, *z0_real.shape[1:]), t_, ac)
+            zf = q_sample(z0_fake, draw_randn(gen, n, *z0_fake.shape[1:]), t_, ac)
             with self.encoder():
                 lr_, lf_ = self.logits(zr, t_, c), self.logits(zf, t_, c)
                 loss = gan.d_loss(lr_, lf_, p.gan_loss)
                 ensure_finite({"disc": loss}, "dmgan", -1)
                 self.opt_d.zero_grad(set_to_none=True)
-                loss.backward()
+                step_backward(loss, self.d_params)
             self.opt_d.step()
-            acc_r, acc_f = gan.accuracy(lr_.detach(), lf_.detach())
+            # accuracy over the global batch (equal shards: the mean of the processes' accuracies)
+            acc = D.mean_over_processes(dict(zip(("r", "f"), gan.accuracy(lr_.detach(), lf_.detach()))))
+            acc_r, acc_f = acc["r"], acc["f"]
             out |= {"disc_loss": loss.item(), "disc_acc_real": acc_r, "disc_acc_fake": acc_f}
         return out
 
@@ -118,14 +135,12 @@ def run(params: Params, paths: Paths) -> dict:
     p = params.dmgan
     if not p.enabled or (p.dm_weight == 0 and p.gan_weight == 0 and p.consistency_weight == 0):
         return passthrough(paths, "dmgan", INIT_FROM)
-    s = setup_student(params, paths, INIT_FROM, p)
+    s = setup_student(params, paths, "dmgan", INIT_FROM)
     probe = s.pipe.unet.config
     text_dim = probe.projection_class_embeddings_input_dim - 6 * probe.addition_time_embed_dim \
         if probe.addition_embed_type == "text_time" else probe.cross_attention_dim
     critics = Critics(s, p, text_dim)
     opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
-    s.unet, opt, critics.head, critics.opt_fake, critics.opt_d = s.accelerator.prepare(
-        s.unet, opt, critics.head, critics.opt_fake, critics.opt_d)
     ac = s.student.alphas_cumprod
     watch = CollapseWatch(p.collapse_window)
 
@@ -140,9 +155,9 @@ def run(params: Params, paths: Paths) -> dict:
         if p.consistency_weight > 0:
             terms["consistency"] = s.distance(x0, target)
         if p.dm_weight > 0:
-            tau = torch.randint(p.dm_t_min, p.dm_t_max, (p.batch_size,), generator=gen)
+            tau = draw_randint(gen, p.dm_t_min, p.dm_t_max, p.batch_size)
             with torch.no_grad():
-                x_tau = q_sample(x0.detach(), torch.randn(x0.shape, generator=gen), tau, ac)
+                x_tau = q_sample(x0.detach(), draw_randn(gen, p.batch_size, *x0.shape[1:]), tau, ac)
                 x0_real = s.teacher.x0(x_tau, tau, b.cond, p.guidance_scale)
                 x0_fake = critics.fake_x0(x_tau, tau, b.cond)
             grad, bad = dmd_gradient(x0.detach(), x0_real, x0_fake)
@@ -150,9 +165,10 @@ def run(params: Params, paths: Paths) -> dict:
             stats |= {"dmd_grad_norm": grad.flatten(1).norm(dim=1).mean().item(), "dmd_nonfinite_frac": bad}
         gan_grad = None
         if p.gan_weight > 0:
-            t_ = torch.randint(0, p.gan_t_max, (p.batch_size,), generator=gen)
+            t_ = draw_randint(gen, 0, p.gan_t_max, p.batch_size)
             with critics.encoder():
-                fake_logits = critics.logits(q_sample(x0, torch.randn(x0.shape, generator=gen), t_, ac), t_, b.cond)
+                fake_logits = critics.logits(q_sample(x0, draw_randn(gen, p.batch_size, *x0.shape[1:]), t_, ac), t_,
+                                             b.cond)
                 terms["gan_g"] = gan.g_loss(fake_logits, p.gan_loss)
                 # ∂L_gan/∂z̃_0 while the encoder's adapter state is live (gradient checkpointing recomputes
                 # the encoder in backward); the student part of the graph is backpropagated below
@@ -163,8 +179,8 @@ def run(params: Params, paths: Paths) -> dict:
         if gan_grad is not None:
             loss = loss + (x0 * gan_grad.detach()).sum()
         opt.zero_grad(set_to_none=True)
-        s.accelerator.backward(loss)
-        s.accelerator.clip_grad_norm_(s.trainable, 1.0)
+        step_backward(loss, s.trainable)
+        torch.nn.utils.clip_grad_norm_(s.trainable, 1.0)
         opt.step()
         z0_real, z0_fake, cond = b.z0, x0.detach(), b.cond
         for i in range(p.critic_updates):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from models.evaluator import AttributeNet, applicable, attribute_correct, classification_loss
+from tlcm import distributed as D
 from tlcm import world as W
 from tlcm.params import Params
 from tlcm.paths import Paths
@@ -72,38 +73,47 @@ def accuracy(net: AttributeNet, images: torch.Tensor, specs: list[W.Spec], batch
 
 def run(params: Params, paths: Paths) -> dict:
     p, wp = params.evaluator, params.world
+    D.check_batch(p.batch_size, "evaluator.batch_size")
     torch.manual_seed(p.seed)
-    net = build(params)
+    net = build(params).to(D.device())
+    D.broadcast_from_main(net.parameters())
     opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=1e-4)
 
     def step_fn(step: int) -> dict[str, float]:
         for g in opt.param_groups:
             g["lr"] = p.lr * cosine_warmup(step, 100, p.steps, floor=0.02)
+        # the GLOBAL batch (renders and augmentation) on every process; this process's shard
         specs, imgs = W.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size, split=None)
         x = augment(W.to_unit_tensor(imgs), step_generator(p.seed, step))
-        terms = classification_loss(net(x), labels_tensor(specs))
+        labels = labels_tensor(specs)
+        counts = {k: float((y >= 0).sum()) / D.world_size() for k, y in labels.items()}
+        terms = classification_loss(net(D.shard(x).to(D.device())), {k: D.shard(y).to(D.device())
+                                                                      for k, y in labels.items()}, counts)
         ensure_finite(terms, "evaluator", step)
         opt.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
+        D.average_gradients(net.parameters())
         opt.step()
         return {"ce": sum(v.item() for v in terms.values())}
 
     ckpt = Checkpointer(paths.checkpoints("evaluator"), fingerprint(p, wp))
     res = run_loop("evaluator", p.steps, step_fn, {"net": net, "opt": opt}, ckpt, p.checkpoint_every,
                    max_minutes=p.max_minutes)
-    net.eval()
-    metrics: dict = {"steps": res.steps_done, "train_seconds": res.seconds}
+    net.eval().to("cpu")
+    metrics: dict = {"steps": res.steps_done, "train_seconds": res.seconds, "world_size": D.world_size()}
     for split in ("eval", "compositional"):  # fresh renders (other seeds than training's) of held-out prompts
         specs = W.sample_specs(p.seed + 7, p.n_test, split, wp.two_object_frac)
         imgs = W.to_unit_tensor(W.render_batch(specs, p.seed + 7, wp.image_size))
         metrics[f"accuracy_{split}"] = accuracy(net, imgs, specs)
-    with atomic_dir(paths.evaluator) as out:
-        save_tensors(out / "model.safetensors", net.state_dict())
-        (out / "config.json").write_text(json.dumps({"width": p.width, "label_spaces": W.LABEL_SPACES}, indent=2))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    atomic_write_json(paths.metrics / "evaluator.json", metrics)
-    log.info("evaluator: all-attribute accuracy on held-out renders %.4f (compositional %.4f)",
-             metrics["accuracy_eval"]["all"], metrics["accuracy_compositional"]["all"])
+    if D.is_main():
+        with atomic_dir(paths.evaluator) as out:
+            save_tensors(out / "model.safetensors", net.state_dict())
+            (out / "config.json").write_text(json.dumps({"width": p.width, "label_spaces": W.LABEL_SPACES}, indent=2))
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write_json(paths.metrics / "evaluator.json", metrics)
+        log.info("evaluator: all-attribute accuracy on held-out renders %.4f (compositional %.4f)",
+                 metrics["accuracy_eval"]["all"], metrics["accuracy_compositional"]["all"])
+    D.barrier()
     return metrics
 
 

@@ -2,7 +2,10 @@
 stage's LoRA, the Eq. 9 batch, the ablation pass-through, and the save.
 
 Same conventions as :mod:`tasks.distill`: one UNet in memory (teacher = adapters off), the
-unified ``student`` LoRA continued from ``init_from``, data-free (prompts and noise only).
+unified ``student`` LoRA continued from ``init_from``, data-free (prompts and noise only), and the
+multi-process contract of :mod:`tlcm.distributed`: every random draw of a step is made for the
+GLOBAL batch on every process (:func:`draw_randn`, :func:`draw_randint`) and each process keeps its
+shard, so N processes give the one-process result.
 """
 from __future__ import annotations
 
@@ -14,12 +17,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from accelerate import Accelerator
-
 from models.denoiser import Cond, Denoiser, encode_prompts
 from models.lora import STUDENT, FrozenTeacher, lora_parameters
 from models.tlcm import ilcd_inputs, milestones
 from tasks.distill import make_distance, train_prompts
+from tlcm import distributed as D
 from tlcm.lora_io import load_lora_into, save_lora
 from tlcm.params import Params
 from tlcm.paths import Paths
@@ -33,7 +35,6 @@ M_SEGMENTS = 8
 @dataclass
 class Student:
     """The loaded pipeline and the views of its one UNet that the losses call."""
-    accelerator: Accelerator
     pipe: object
     unet: object
     student: Denoiser
@@ -48,25 +49,47 @@ class Student:
         return lora_parameters(self.unet, STUDENT)
 
 
-def setup_student(params: Params, paths: Paths, init_from: str, section) -> Student:
-    """``section``: the stage's params (its ``loss`` picks the consistency distance)."""
+def setup_student(params: Params, paths: Paths, stage: str, init_from: str) -> Student:
+    """The student of ``stage`` (its params section's ``loss`` picks the consistency distance)."""
+    section = params.section(stage)
+    D.check_batch(section.batch_size, f"{stage}.batch_size")
     pipe = load_frozen_teacher(params.teacher, paths.teacher)
+    pipe.to(D.device())
     unet = pipe.unet
     load_lora_into(unet, paths.lora(init_from))
     unet.set_adapter(STUDENT)
     float32_(lora_parameters(unet, STUDENT))
     for q in lora_parameters(unet, STUDENT):
         q.requires_grad_(True)
-    ac = pipe.scheduler.alphas_cumprod
+    D.broadcast_from_main(lora_parameters(unet, STUDENT))
+    ac = pipe.scheduler.alphas_cumprod.to(D.device())
     cfg = unet.config
-    return Student(Accelerator(), pipe, unet, Denoiser(unet, ac), FrozenTeacher(Denoiser(unet, ac)),
+    return Student(pipe, unet, Denoiser(unet, ac), FrozenTeacher(Denoiser(unet, ac)),
                    make_distance(section, params, paths), train_prompts(params, paths), milestones(M_SEGMENTS),
                    (cfg.in_channels, cfg.sample_size, cfg.sample_size))
 
 
+def draw_randn(gen: torch.Generator, batch_size: int, *shape: int) -> torch.Tensor:
+    """Standard normal draws for the GLOBAL batch (identical on every process); this process's shard."""
+    return D.shard(torch.randn((batch_size, *shape), generator=gen)).to(D.device())
+
+
+def draw_randint(gen: torch.Generator, low: int, high: int, batch_size: int) -> torch.Tensor:
+    """Integers in [low, high) for the GLOBAL batch; this process's shard."""
+    return D.shard(torch.randint(low, high, (batch_size,), generator=gen)).to(D.device())
+
+
+def step_backward(loss: torch.Tensor, params: list) -> None:
+    """``loss`` is a mean over this process's shard: backward, then the processes' mean gradient
+    (the one-process gradient of the global mean)."""
+    loss.backward()
+    D.average_gradients(params)
+
+
 @dataclass
 class Eq9Batch:
-    prompts: list[str]
+    prompts: list[str]  # this process's shard
+    global_prompts: list[str]  # the whole step's prompts (draws that depend on them stay global)
     cond: Cond
     z0: torch.Tensor  # ẑ_0: q-step student sample (no grad)
     z_t: torch.Tensor  # ẑ_{t_m} = FD(ẑ_0, t_m)
@@ -74,16 +97,19 @@ class Eq9Batch:
 
 
 def eq9_batch(s: Student, batch_size: int, q: int, gen: torch.Generator) -> Eq9Batch:
-    """Prompts, ẑ_0 = TLCM(ε, T, c) in q student steps, and ẑ_{t_m} at a random milestone (Eq. 9)."""
+    """Prompts, ẑ_0 = TLCM(ε, T, c) in q student steps, and ẑ_{t_m} at a random milestone (Eq. 9).
+
+    ``batch_size`` is the global batch; the student runs on this process's shard only."""
     idx = torch.randint(len(s.prompts), (batch_size,), generator=gen)
     prompts = [s.prompts[i] for i in idx]
+    mine = D.shard(prompts)
     with torch.no_grad():
-        cond = encode_prompts(s.pipe, prompts)
-    eps = torch.randn((batch_size, *s.shape), generator=gen)
-    noise = torch.randn(eps.shape, generator=gen)
-    t_m = torch.tensor(s.ms)[torch.randint(1, len(s.ms), (batch_size,), generator=gen)]
+        cond = encode_prompts(s.pipe, mine)
+    eps = draw_randn(gen, batch_size, *s.shape)
+    noise = draw_randn(gen, batch_size, *s.shape)
+    t_m = torch.tensor(s.ms)[draw_randint(gen, 1, len(s.ms), batch_size).cpu()].to(D.device())
     z0, z_t = ilcd_inputs(s.student, eps, noise, t_m, q, cond)
-    return Eq9Batch(prompts, cond, z0, z_t, t_m)
+    return Eq9Batch(mine, prompts, cond, z0, z_t, t_m)
 
 
 def passthrough(paths: Paths, stage: str, init_from: str) -> dict:
@@ -108,11 +134,15 @@ def peak_rss_mib() -> float:
 
 
 def save_student(s: Student, paths: Paths, stage: str, info: dict, metrics: dict) -> dict:
-    save_lora(paths.lora(stage), s.accelerator.unwrap_model(s.unet), {"stage": stage, "real_images_used": 0, **info})
-    metrics = {**metrics, "peak_rss_mib": peak_rss_mib(), "enabled": True}
-    atomic_write_json(paths.metrics / f"{stage}.json", metrics)
-    log.info("%s: %s steps in %.0fs -> %s (peak RSS %.0f MiB)", stage, metrics.get("steps"),
-             metrics.get("train_seconds", 0.0), paths.lora(stage), metrics["peak_rss_mib"])
+    """The main process writes the LoRA and the metrics (atomically); the others wait."""
+    world = D.world_size()
+    metrics = {**metrics, "peak_rss_mib": peak_rss_mib(), "enabled": True, "world_size": world}
+    if D.is_main():
+        save_lora(paths.lora(stage), s.unet, {"stage": stage, "real_images_used": 0, "world_size": world, **info})
+        atomic_write_json(paths.metrics / f"{stage}.json", metrics)
+        log.info("%s: %s steps in %.0fs on %d process(es) -> %s (peak RSS %.0f MiB per process)", stage,
+                 metrics.get("steps"), metrics.get("train_seconds", 0.0), world, paths.lora(stage), metrics["peak_rss_mib"])
+    D.barrier()
     return metrics
 
 

@@ -24,6 +24,7 @@ from diffusers import AutoencoderKL
 
 from models.latent_lpips import LatentLPIPS, RankingHead, ranking_loss, two_afc_score
 from tlcm import bapps as B
+from tlcm import distributed as D
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json, load_tensors, save_tensors
@@ -120,9 +121,12 @@ def run(params: Params, paths: Paths) -> dict:
     n = len(train_t)
     log.info("latent_lpips: %d train / %d val triplets encoded to latents %s", n, len(val_t), tuple(lat["ref"].shape[1:]))
 
+    D.check_batch(p.batch_size, "latent_lpips.batch_size")
     torch.manual_seed(p.seed)
     net = build(params, lat["ref"].shape[1])
     head = RankingHead()
+    net.to(D.device()), head.to(D.device())
+    D.broadcast_from_main([*net.parameters(), *head.parameters()])
     opt = torch.optim.Adam([*net.parameters(), *head.parameters()], lr=p.lr)
     warmup = min(100, p.steps // 10)
 
@@ -138,11 +142,13 @@ def run(params: Params, paths: Paths) -> dict:
         judge = torch.where(swap, 1 - judge, judge)
         flip = (torch.rand(p.batch_size, generator=gen) < 0.5).view(-1, 1, 1, 1)
         ref, p0, p1 = (torch.where(flip, z.flip(-1), z) for z in (ref, p0, p1))
+        ref, p0, p1, judge = (D.shard(z).to(D.device()) for z in (ref, p0, p1, judge))  # global batch above; this shard
         d0, d1 = net.triplet_distances(ref, p0, p1)
         loss = ranking_loss(head, d0, d1, judge)
         ensure_finite({"bce": loss}, "latent_lpips", step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # a mean over the shard: the processes' mean gradient is the global batch's
+        D.average_gradients([*net.parameters(), *head.parameters()])
         opt.step()
         with torch.no_grad():
             agree = two_afc_score(d0, d1, judge).mean()
@@ -152,8 +158,8 @@ def run(params: Params, paths: Paths) -> dict:
     res = run_loop("latent_lpips", p.steps, step_fn, {"net": net, "head": head, "opt": opt}, ckpt, p.checkpoint_every,
                    log_every=25, max_minutes=p.max_minutes)
 
-    net.eval()
-    head.eval()
+    net.eval().to("cpu")
+    head.eval().to("cpu")
     d0, d1 = lpips_distances(net, val)
     mse0 = (val["ref"] - val["p0"]).pow(2).mean(dim=(1, 2, 3))
     mse1 = (val["ref"] - val["p1"]).pow(2).mean(dim=(1, 2, 3))
@@ -172,16 +178,19 @@ def run(params: Params, paths: Paths) -> dict:
         "train_seconds": res.seconds,
         "final_train_bce": res.history[-1]["bce"] if res.history else None,
         "bapps_root": str(root),
+        "world_size": D.world_size(),
     }
     config = {**net.config(), "taps": ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"],
               "pools_removed": 3, "latent_scaling": "latent_dist.mean * vae.config.scaling_factor",
               "teacher_source": params.teacher.source, "paper": "arXiv 2406.05768 §4.3"}
-    with atomic_dir(output_dir(paths)) as out:
-        save_tensors(out / MODEL_FILE, net.state_dict())
-        save_tensors(out / HEAD_FILE, head.state_dict())
-        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    atomic_write_json(paths.metrics / "latent_lpips.json", metrics)
+    if D.is_main():
+        with atomic_dir(output_dir(paths)) as out:
+            save_tensors(out / MODEL_FILE, net.state_dict())
+            save_tensors(out / HEAD_FILE, head.state_dict())
+            (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write_json(paths.metrics / "latent_lpips.json", metrics)
+    D.barrier()
     a = metrics["val_2afc"]
     log.info("latent_lpips: val 2AFC agreement latent LPIPS %.4f, latent MSE %.4f, pixel oracle (SSIM) %.4f",
              a["latent_lpips"], a["latent_mse"], a["pixel_oracle_ssim"])

@@ -18,7 +18,8 @@ import torch
 
 from models.preference import irrelevant_prompts, mps_terms
 from models.tlcm import f_theta_x0, ilcd_target
-from tasks.finetune import autocast_steps, eq9_batch, passthrough, save_student, setup_student
+from tasks.finetune import autocast_steps, eq9_batch, passthrough, save_student, setup_student, step_backward
+from tlcm import distributed as D
 from tlcm.params import Params
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
@@ -53,12 +54,11 @@ def run(params: Params, paths: Paths) -> dict:
         return passthrough(paths, "mps", INIT_FROM)
     from tasks.reward import load_reward
 
-    s = setup_student(params, paths, INIT_FROM, p)
-    scorer = load_reward(params, paths)
+    s = setup_student(params, paths, "mps", INIT_FROM)
+    scorer = load_reward(params, paths).to(D.device())
     s0 = margin(p, paths)
     vae = s.pipe.vae.requires_grad_(False)
     opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
-    unet, opt = s.accelerator.prepare(s.unet, opt)
     log.info("mps: s0 = %.3f (%s), condition '%s', %d steps", s0, "params" if p.margin is not None else "reward model's "
              "clean-render mean", p.condition, p.steps)
 
@@ -68,22 +68,22 @@ def run(params: Params, paths: Paths) -> dict:
         target = ilcd_target(s.student, s.teacher, b.z_t, b.t, p.teacher_steps_p, b.cond, p.guidance_scale, s.ms)
         x0 = f_theta_x0(s.student, b.z_t, b.t, b.cond)
         images = decode_to_unit(vae, x0)
-        negs = irrelevant_prompts(b.prompts, s.prompts, gen)
+        negs = D.shard(irrelevant_prompts(b.global_prompts, s.prompts, gen))
         s_pos = scorer.score(images, b.prompts, p.condition)
         s_neg = scorer.score(images, negs, p.condition)
         terms = {"consistency": s.distance(x0, target), **mps_terms(s_pos, s_neg, s0)}
         ensure_finite(terms, "mps", step)
         loss = p.consistency_weight * terms["consistency"] + p.mps_weight * (terms["mps_pos"] + terms["mps_neg"])
         opt.zero_grad(set_to_none=True)
-        s.accelerator.backward(loss)
-        s.accelerator.clip_grad_norm_(s.trainable, 1.0)
+        step_backward(loss, s.trainable)
+        torch.nn.utils.clip_grad_norm_(s.trainable, 1.0)
         opt.step()
         return {**{k: v.item() for k, v in terms.items()}, "reward_pos": s_pos.mean().item(),
                 "reward_neg": s_neg.mean().item()}
 
     ckpt = Checkpointer(paths.checkpoints("mps"), fingerprint(p, params.teacher, params.reward, INIT_FROM))
     res = run_loop("mps", p.steps, autocast_steps(params.teacher, s.unet.device, step_fn),
-                   {"lora": AdapterState(unet), "opt": opt}, ckpt, p.checkpoint_every,
+                   {"lora": AdapterState(s.unet), "opt": opt}, ckpt, p.checkpoint_every,
                    log_every=10, max_minutes=p.max_minutes)
     last = res.history[-1] if res.history else {}
     return save_student(s, paths, "mps", {"init_from": INIT_FROM, "params": p.model_dump(mode="json"), "s0": s0},

@@ -31,6 +31,17 @@ def smoke_artifacts(tmp_path_factory, smoke_params):
     return paths
 
 
+@pytest.fixture(scope="session")
+def student_chain(smoke_artifacts, smoke_params):
+    """bapps → latent_lpips → mlcd → ilcd on the smoke artifacts (the input of the technique stages)."""
+    from tasks.registry import run_stage
+
+    for name in ("bapps", "latent_lpips", "mlcd", "ilcd"):
+        if not (smoke_artifacts.metrics / f"{name}.json").is_file():
+            run_stage(name, smoke_params, smoke_artifacts)
+    return smoke_artifacts
+
+
 def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     e = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "tlcm.cli", *args], cwd=cwd, env=e, capture_output=True, text=True,

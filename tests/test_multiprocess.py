@@ -117,3 +117,86 @@ def test_two_processes_match_one_process_and_resume(smoke_artifacts, smoke_param
     assert diff < TOL < moved / 10
     leftovers = [p.name for p in two.checkpoints("mlcd").iterdir() if p.name.startswith(".")]
     assert not leftovers  # one writer, atomic files
+
+
+# ---- every other multi-process training stage: 1 process == 2 processes ------------------------
+# (stage, its output folder, params overrides: a global batch that divides by 2, 2 steps)
+LR = 1e-3
+OTHER_STAGES = {
+    "autoencoder": ("autoencoder", {"batch_size": 4}),
+    "evaluator": ("evaluator", {"batch_size": 8}),
+    "latent_lpips": ("latent_lpips", {"batch_size": 8}),
+    "mps": ("lora_mps", {"batch_size": 4}),
+    "dmgan": ("lora_dmgan", {"batch_size": 4, "critic_updates": 2}),
+}
+# Tolerance: max |Δ| over the saved tensors < a quarter of one AdamW step (lr 1e-3: Adam's first
+# steps move a weight by up to ~lr, whatever its gradient's size, so float32 summation-order noise in
+# a near-zero gradient shows up at that scale). Measured (printed per stage): autoencoder 1.8e-5,
+# evaluator 5.2e-5, latent_lpips 1.1e-6, mps 3.5e-5, dmgan 2.0e-4, the last the same as between two
+# one-process dmgan runs with 1 and with 2 torch threads (2.0e-4).
+OTHER_TOL = 0.25 * LR
+
+
+@pytest.fixture(scope="module")
+def technique_inputs(student_chain, smoke_params):
+    """The chain up to `mps`'s inputs (reward) and `dmgan`'s (a `mps` LoRA)."""
+    from tasks.registry import run_stage
+
+    for name in ("reward", "mps"):
+        if not (student_chain.metrics / f"{name}.json").is_file():
+            run_stage(name, smoke_params, student_chain)
+    return student_chain
+
+
+def _stage_root(tmp_path_factory, name, chain, out: str):
+    """A fresh artifacts folder that sees every input of ``chain`` (symlinks) but none of the stage's own files."""
+    root = tmp_path_factory.mktemp(name)
+    for d in chain.root.iterdir():
+        if d.name not in (out, "checkpoints", "metrics") and not d.name.startswith("."):
+            (root / d.name).symlink_to(d)
+    return root
+
+
+@pytest.mark.parametrize("stage", list(OTHER_STAGES))
+def test_stage_on_two_processes_matches_one_process(stage, technique_inputs, smoke_params, tmp_path_factory,
+                                                    tmp_path):
+    from conftest import run_cli
+    from safetensors.torch import load_file
+
+    from tasks.registry import run_stage
+    from tlcm.distributed import MULTI_PROCESS_STAGES
+    from tlcm.params import load_params
+    from tlcm.paths import Paths
+
+    assert stage in MULTI_PROCESS_STAGES
+    out, update = OTHER_STAGES[stage]
+    d = smoke_params.model_dump(mode="json")
+    d["preset"] = "mini"
+    d[stage].update(steps=2, checkpoint_every=1, lr=LR, **update)
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(d, sort_keys=False))
+
+    one = Paths(_stage_root(tmp_path_factory, f"{stage}_one", technique_inputs, out))
+    run_stage(stage, load_params(f), one)
+    two = Paths(_stage_root(tmp_path_factory, f"{stage}_two", technique_inputs, out))
+    r = run_cli("stage", stage, "--params", str(f), "--artifacts", str(two.root), "--num-processes", "2", timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "process group: 2 processes" in r.stderr
+    assert json.loads((two.metrics / f"{stage}.json").read_text())["world_size"] == 2
+    assert json.loads((one.metrics / f"{stage}.json").read_text())["world_size"] == 1
+
+    files = sorted(p.name for p in (one.root / out).glob("*.safetensors"))
+    assert files and files == sorted(p.name for p in (two.root / out).glob("*.safetensors"))
+    diff, scale = 0.0, 0.0
+    for name in files:
+        a, b = load_file(one.root / out / name), load_file(two.root / out / name)
+        assert a.keys() == b.keys()
+        diff = max([diff, *((a[k].float() - b[k].float()).abs().max().item() for k in a)])
+        scale = max([scale, *(a[k].float().abs().max().item() for k in a)])
+    print(f"{stage}: max |1 process - 2 processes| = {diff:.3g} over {files} (tolerance {OTHER_TOL}; max |w| {scale:.3g})")
+    assert diff < OTHER_TOL
+    if stage in ("mps", "dmgan"):  # the LoRA moved from its input by far more than the tolerance
+        init = {"mps": "lora_ilcd", "dmgan": "lora_mps"}[stage]
+        a = load_file(one.root / out / "pytorch_lora_weights.safetensors")
+        b = load_file(technique_inputs.root / init / "pytorch_lora_weights.safetensors")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) > 4 * OTHER_TOL

@@ -79,17 +79,6 @@ def _lora(folder):
     return load_file(str(folder / "pytorch_lora_weights.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def student_chain(smoke_artifacts, smoke_params):
-    """bapps → latent_lpips → mlcd → ilcd on the smoke artifacts (the input of the technique stages)."""
-    from tasks.registry import run_stage
-
-    for name in ("bapps", "latent_lpips", "mlcd", "ilcd"):
-        if not (smoke_artifacts.metrics / f"{name}.json").is_file():
-            run_stage(name, smoke_params, smoke_artifacts)
-    return smoke_artifacts
-
-
 def test_disabled_stage_passes_its_input_through(student_chain, smoke_params):
     from tasks import mps
 

@@ -35,7 +35,11 @@ log = logging.getLogger("tlcm")
 T = TypeVar("T")
 LAUNCHED_ENV = "TLCM_LAUNCHED"  # set by :func:`launch_command` in the children it starts
 # Stages whose training loop follows the contract above (a new training stage adds itself here).
-MULTI_PROCESS_STAGES = frozenset({"teacher", "lcm_baseline", "mlcd", "ilcd"})
+# `reward` is not one: its listwise loss uses the other captions of the batch as negatives and its
+# centering term is a square of the batch mean, so a sharded batch is a different loss (an exact
+# version needs an all-gather of embeddings); with the real MPS (the sdxl preset) it trains nothing.
+MULTI_PROCESS_STAGES = frozenset({"autoencoder", "evaluator", "teacher", "latent_lpips", "lcm_baseline", "mlcd", "ilcd",
+                                  "mps", "dmgan"})
 
 
 class ShardError(ValueError):
