@@ -3,7 +3,8 @@
 Every row is judged by the independent evaluator: alignment accuracy (every
 prompted attribute recognised) with per-attribute accuracies, and the
 Fréchet distance of evaluator features against real renders of the same
-prompts. Speed is end to end (text encoding, sampling, VAE decoding) at the
+prompts. ``mirror_swapped`` is the fraction of images that fail only because left/right or
+top/bottom is exchanged (right objects, wrong places). Speed is end to end (text encoding, sampling, VAE decoding) at the
 stage's batch size, in one process, so rows are comparable as ratios.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from models.evaluator import FeatureExtractor
-from tasks.evaluator import accuracy, load_evaluator, require
+from tasks.evaluator import accuracy, load_evaluator, mirror_swapped, require
 from tasks.generate import Samples, student_samples, teacher_ddim
 from tasks.world import read_prompts
 from tlcm import world as W
@@ -51,10 +52,12 @@ def frechet_distance(net, real: np.ndarray, fake: np.ndarray) -> float:
 
 
 def score(net, row: Row, specs: list[W.Spec], real: np.ndarray, comp_specs: list[W.Spec]) -> dict:
-    acc = accuracy(net, W.to_unit_tensor(row.samples.images), specs)
+    images = W.to_unit_tensor(row.samples.images)
+    acc = accuracy(net, images, specs)
     out = {
         "method": row.method, "steps": row.steps, "guidance": row.guidance,
-        "alignment": acc["all"], **{f"acc_{k}": v for k, v in acc.items() if k != "all"},
+        "alignment": acc["all"], "mirror_swapped": mirror_swapped(net, images, specs),
+        **{f"acc_{k}": v for k, v in acc.items() if k != "all"},
         "frechet": frechet_distance(net, real, row.samples.images),
         "sec_per_image": row.samples.seconds_per_image, "unet_evals": row.samples.unet_evals_per_image,
         "real_images_used": 0,
@@ -65,6 +68,7 @@ def score(net, row: Row, specs: list[W.Spec], real: np.ndarray, comp_specs: list
 
 
 COLUMNS = [("method", "method"), ("steps", "steps"), ("alignment", "align."), ("alignment_compositional", "align. (held-out combos)"),
+           ("mirror_swapped", "mirror-swapped"),
            ("acc_colour", "colour"), ("acc_shape", "shape"), ("acc_size", "size"), ("acc_layout", "position/relation"),
            ("acc_background", "bg"), ("frechet", "Fréchet"), ("reward", "reward"), ("sec_per_image", "s/img"),
            ("speedup_vs_teacher", "speed-up vs teacher-25"), ("unet_evals", "UNet evals/img"),

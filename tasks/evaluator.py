@@ -71,6 +71,21 @@ def accuracy(net: AttributeNet, images: torch.Tensor, specs: list[W.Spec], batch
     return {g: torch.cat(v).float().mean().item() for g, v in correct.items()}
 
 
+@torch.no_grad()
+def aligned(net: AttributeNet, images: torch.Tensor, specs: list[W.Spec], batch: int = 256) -> torch.Tensor:
+    """Per image: True when every prompted attribute of its spec is recognised (the alignment criterion)."""
+    labels = labels_tensor(specs)
+    return torch.cat([attribute_correct(net(images[i:i + batch]), {k: v[i:i + batch] for k, v in labels.items()})["all"]
+                      for i in range(0, len(specs), batch)])
+
+
+def mirror_swapped(net: AttributeNet, images: torch.Tensor, specs: list[W.Spec]) -> float:
+    """Fraction of the images that fail their spec but match its mirror (:meth:`Spec.mirrored`):
+    every attribute right but left/right or top/bottom exchanged (a *where* error, not a *what* one)."""
+    ok = aligned(net, images, specs)
+    return float((~ok & aligned(net, images, [s.mirrored() for s in specs])).float().mean())
+
+
 def run(params: Params, paths: Paths) -> dict:
     p, wp = params.evaluator, params.world
     D.check_batch(p.batch_size, "evaluator.batch_size")

@@ -43,6 +43,7 @@ class Student:
     prompts: list[str]
     ms: list[int]
     shape: tuple[int, int, int]
+    source: str  # params.teacher.source: what the LoRA is for
 
     @property
     def trainable(self) -> list:
@@ -66,7 +67,7 @@ def setup_student(params: Params, paths: Paths, stage: str, init_from: str) -> S
     cfg = unet.config
     return Student(pipe, unet, Denoiser(unet, ac), FrozenTeacher(Denoiser(unet, ac)),
                    make_distance(section, params, paths), train_prompts(params, paths), milestones(M_SEGMENTS),
-                   (cfg.in_channels, cfg.sample_size, cfg.sample_size))
+                   (cfg.in_channels, cfg.sample_size, cfg.sample_size), params.teacher.source)
 
 
 def draw_randn(gen: torch.Generator, batch_size: int, *shape: int) -> torch.Tensor:
@@ -138,7 +139,8 @@ def save_student(s: Student, paths: Paths, stage: str, info: dict, metrics: dict
     world = D.world_size()
     metrics = {**metrics, "peak_rss_mib": peak_rss_mib(), "enabled": True, "world_size": world}
     if D.is_main():
-        save_lora(paths.lora(stage), s.unet, {"stage": stage, "real_images_used": 0, "world_size": world, **info})
+        meta = {"stage": stage, "teacher": s.source, "real_images_used": 0, "world_size": world, **info}
+        save_lora(paths.lora(stage), s.unet, meta)
         atomic_write_json(paths.metrics / f"{stage}.json", metrics)
         log.info("%s: %s steps in %.0fs on %d process(es) -> %s (peak RSS %.0f MiB per process)", stage,
                  metrics.get("steps"), metrics.get("train_seconds", 0.0), world, paths.lora(stage), metrics["peak_rss_mib"])

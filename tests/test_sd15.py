@@ -105,3 +105,61 @@ def test_generate_with_sd15_teacher_and_lora(sd15_distilled, sd15_folder, tmp_pa
     s = generate(params, paths, ["a red circle"], 2, None, 0, str(sd15_folder), tmp_path / "student.png",
                  str(paths.lora("ilcd")))
     assert t.stat().st_size > 100 and s.stat().st_size > 100
+
+
+def test_mps_and_dmgan_on_sd15(sd15_distilled, sd15_folder):
+    """The technique stages against the SD1.5 teacher: the reward model scores decoded x̂0, the
+    discriminator head reads the cross-attention text (no pooled embedding), and the LoRA each
+    publishes loads into plain ``StableDiffusionPipeline`` and changes its UNet."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
+
+    from tasks.registry import run_stage
+
+    params, paths = sd15_distilled
+    upd = {k: params.section(k).model_copy(update={"loss": "mse", "lr": 1e-3}) for k in ("mps", "dmgan")}
+    params = params.model_copy(update=upd)
+    for stage in ("reward", "mps", "dmgan"):
+        run_stage(stage, params, paths)
+    for stage, before in (("mps", "ilcd"), ("dmgan", "mps")):
+        m = json.loads((paths.metrics / f"{stage}.json").read_text())
+        assert m["steps"] == params.section(stage).steps and m["enabled"] is True
+        a = load_file(paths.lora(before) / "pytorch_lora_weights.safetensors")
+        b = load_file(paths.lora(stage) / "pytorch_lora_weights.safetensors")
+        assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) > 1e-4
+    assert {"dm", "gan_g", "disc_acc_real"} <= set(json.loads((paths.metrics / "dmgan.json").read_text())["last"])
+    pipe = StableDiffusionPipeline.from_pretrained(sd15_folder)
+    pipe.load_lora_weights(paths.lora("dmgan"))
+    assert json.loads((paths.lora("dmgan") / "tlcm_lora.json").read_text())["teacher"] == str(sd15_folder)
+
+
+def test_sd15_mlcd_on_two_processes_matches_one_process(sd15_distilled, tmp_path_factory, tmp_path):
+    """The multi-process contract holds for the SD1.5 teacher too (1e-5, as for the SDXL-shaped one)."""
+    import yaml
+    from conftest import run_cli
+    from safetensors.torch import load_file
+
+    from tasks.registry import run_stage
+    from tlcm.params import load_params
+    from tlcm.paths import Paths
+
+    params, paths = sd15_distilled
+    d = params.model_dump(mode="json")
+    d["preset"] = "mini"
+    d["mlcd"].update(batch_size=4, steps=2, checkpoint_every=1)
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(d, sort_keys=False))
+    roots = []
+    for name in ("one", "two"):
+        root = tmp_path_factory.mktemp(f"sd15_mlcd_{name}")
+        (root / "world").symlink_to(paths.world)
+        roots.append(Paths(root))
+    run_stage("mlcd", load_params(f), roots[0])
+    r = run_cli("stage", "mlcd", "--params", str(f), "--artifacts", str(roots[1].root), "--num-processes", "2",
+                timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((roots[1].metrics / "mlcd.json").read_text())["world_size"] == 2
+    a, b = (load_file(p.lora("mlcd") / "pytorch_lora_weights.safetensors") for p in roots)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"sd15 mlcd: max |1 process - 2 processes| = {diff:.3g}")
+    assert a.keys() == b.keys() and diff < 1e-5

@@ -59,6 +59,7 @@ def test_evaluate_writes_table_grid_and_metrics(smoke_artifacts, smoke_params):
     assert [r["steps"] for r in teacher_rows] == list(smoke_params.evaluate.teacher_steps)
     for r in teacher_rows:
         assert 0.0 <= r["alignment"] <= 1.0 and np.isfinite(r["frechet"]) and r["sec_per_image"] > 0
+        assert 0.0 <= r["mirror_swapped"] <= 1.0 - r["alignment"] + 1e-9  # a subset of the failures
         assert r["unet_evals"] == 2 * r["steps"] and r["real_images_used"] == 0 and isinstance(r["reward"], float)
     assert "| method |" in (smoke_artifacts.benchmark / "benchmark.md").read_text()
     assert (smoke_artifacts.benchmark / "samples.png").stat().st_size > 1000

@@ -55,3 +55,16 @@ def test_every_grammar_word_is_one_token(tmp_path):
     assert ids == tok2(caption).input_ids  # deterministic vocabulary
     assert (tmp_path / "a" / "vocab.json").read_text() == (tmp_path / "b" / "vocab.json").read_text()
     assert tok.unk_token_id not in ids[1:-1]  # (unk is also EOS, as in CLIP)
+
+
+def test_mirrored_spec_exchanges_only_the_direction_words():
+    two = W.Spec((W.Obj("red", "circle", "medium"), W.Obj("blue", "square", "medium")), "gray", relation="left of")
+    m = two.mirrored()
+    assert m.caption() == "a red circle right of a blue square on a gray background"
+    assert m.mirrored() == two
+    a, b = two.canonical(), m.canonical()  # the same objects, in exchanged canonical slots
+    assert (a["a_colour"], a["b_colour"]) == (b["b_colour"], b["a_colour"]) and a["layout"] == b["layout"]
+    one = W.Spec((W.Obj("green", "triangle", "small"),), "white", position="top")
+    assert one.mirrored().position == "bottom" and one.mirrored().caption().endswith("at the bottom on a white background")
+    centre = W.Spec((W.Obj("green", "triangle", "small"),), "white", position="center")
+    assert centre.mirrored() == centre

@@ -22,7 +22,7 @@ Held out of all training:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -53,6 +53,8 @@ POSITION_PHRASE = {
     "bottom": "at the bottom",
     "center": "in the center",
 }
+MIRROR = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "center": "center",
+          "left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 HELDOUT_PAIRS = frozenset({("purple", "triangle"), ("green", "cross"), ("orange", "circle")})
 EVAL_BUCKETS = 10  # one spec in ten (by stable hash) never appears in training
 
@@ -82,6 +84,13 @@ class Spec:
             return f"a {o.size} {o.colour} {o.shape} {POSITION_PHRASE[self.position]} on a {self.bg} background"
         a, b = self.objects
         return f"a {a.colour} {a.shape} {self.relation} a {b.colour} {b.shape} on a {self.bg} background"
+
+    def mirrored(self) -> "Spec":
+        """The caption's direction words exchanged (left ↔ right, top ↔ bottom, above ↔ below): a
+        picture that matches the mirrored spec but not this one got *what* right and *where* wrong."""
+        if len(self.objects) == 1:
+            return replace(self, position=MIRROR[self.position])
+        return replace(self, relation=MIRROR[self.relation])
 
     # ---- canonical labels --------------------------------------------------
     def canonical(self) -> dict[str, str | None]:
