@@ -26,6 +26,7 @@ import torch
 
 from models.reward import CONDITIONS, DEGRADATIONS, ShapesReward, bradley_terry_loss, centering_loss, degrade, \
     listwise_loss, pairwise_accuracy, tokenize
+from tlcm import distributed as D
 from tlcm import world as W
 from tlcm.params import Params
 from tlcm.paths import Paths
@@ -149,15 +150,21 @@ def train_scores(net: ShapesReward, tok, pairs: Pairs, negatives: list[str], tex
     Eq. 11's c_neg; −inf where a caption equals its own), shape (n, 1 + k + n − 1).
     Every image and caption is encoded once."""
     n, k = len(pairs), len(negatives) // len(pairs)
-    images = net.encode_images(torch.cat([pairs.preferred, pairs.rejected]))
-    texts = net.encode_texts(*tokenize(tok, pairs.prompts_w + pairs.prompts_l + negatives, net.config["max_length"]))
-    i = torch.arange(n)
-    s = net.fuse(images, texts, torch.cat([i, i + n]), torch.cat([i, i + n]), pairs.conditions.repeat(2))
-    captions = torch.cat([i, 2 * n + torch.arange(n * k)])  # own captions (all images), then the negatives
+    # the listwise and centering terms couple the whole batch: on N processes each encodes its shard
+    # of the 2n images and all gather the embeddings (with autograd), then every process computes the
+    # whole batch's scores (the text side is small and encoded whole everywhere)
+    dev = next(net.parameters()).device
+    emb, quality = net.encode_images(D.shard(torch.cat([pairs.preferred, pairs.rejected])).to(dev))
+    images = (D.all_gather_cat(emb), D.all_gather_cat(quality))
+    ids, mask = tokenize(tok, pairs.prompts_w + pairs.prompts_l + negatives, net.config["max_length"])
+    texts = net.encode_texts(ids.to(dev), mask.to(dev))
+    i = torch.arange(n, device=dev)
+    s = net.fuse(images, texts, torch.cat([i, i + n]), torch.cat([i, i + n]), pairs.conditions.to(dev).repeat(2))
+    captions = torch.cat([i, 2 * n + torch.arange(n * k, device=dev)])  # own captions (all images), then negatives
     grid = net.fuse(images, texts, i.repeat_interleave(len(captions)), captions.repeat(n),
-                    text_conditions.repeat_interleave(len(captions))).view(n, len(captions))
+                    text_conditions.to(dev).repeat_interleave(len(captions))).view(n, len(captions))
     own_negatives = grid[:, n:].view(n, n, k)[i, i]
-    same = torch.tensor([[a == b for b in pairs.prompts_w] for a in pairs.prompts_w])
+    same = torch.tensor([[a == b for b in pairs.prompts_w] for a in pairs.prompts_w], device=dev)
     others = grid[:, :n].masked_fill(same, float("-inf"))
     return s.chunk(2), torch.cat([grid[i, i][:, None], own_negatives, others], 1)
 
@@ -225,8 +232,10 @@ def run(params: Params, paths: Paths) -> dict:
         log.info("reward: reward.source = %s (%s); nothing to train", p.source, found)
         return metrics
     tok = load_tokenizer(paths.tokenizer, "world", "run `tlcm stage world` first")
+    D.check_batch(p.batch_size, "reward.batch_size")
     torch.manual_seed(p.seed)
-    net = build(params, len(tok))
+    net = build(params, len(tok)).to(D.device())
+    D.broadcast_from_main(net.parameters())
     opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=1e-4)
     log.info("reward: %d weights, %d steps of %d pairs", sum(q.numel() for q in net.parameters()), p.steps,
              p.batch_size)
@@ -244,18 +253,23 @@ def run(params: Params, paths: Paths) -> dict:
                  "center": CENTERING_WEIGHT * centering_loss(sw, sl)}
         ensure_finite(terms, "reward", step)
         opt.zero_grad(set_to_none=True)
-        sum(terms.values()).backward()
+        sum(terms.values()).backward()  # the whole batch's loss on every process (see train_scores)
+        D.average_gradients(net.parameters())
         opt.step()
         return {k: v.item() for k, v in terms.items()} | {"acc": pairwise_accuracy(sw.detach(), sl.detach())}
 
     ckpt = Checkpointer(paths.checkpoints("reward"), fingerprint(p, wp, params.teacher.text.max_length))
     res = run_loop("reward", p.steps, step_fn, {"net": net, "opt": opt}, ckpt, p.checkpoint_every,
                    log_every=max(1, min(50, p.steps // 4)), max_minutes=p.max_minutes)
-    metrics = {"steps": res.steps_done, "train_seconds": res.seconds, **evaluate(net, tok, validation_pairs(params))}
-    with atomic_dir(paths.reward) as out:
-        save_shapes_reward(net, out, paths.tokenizer, {"conditions": list(CONDITIONS),
-                                                       "margin_auto": metrics["margin_auto"]})
-    atomic_write_json(paths.metrics / "reward.json", metrics)
+    net.to("cpu")
+    metrics = {"steps": res.steps_done, "train_seconds": res.seconds, "world_size": D.world_size(),
+               **evaluate(net, tok, validation_pairs(params))}
+    if D.is_main():
+        with atomic_dir(paths.reward) as out:
+            save_shapes_reward(net, out, paths.tokenizer, {"conditions": list(CONDITIONS),
+                                                           "margin_auto": metrics["margin_auto"]})
+        atomic_write_json(paths.metrics / "reward.json", metrics)
+    D.barrier()
     acc = metrics["accuracy"]
     log.info("reward: held-out pairwise accuracy %.4f (overall %.4f, alignment %.4f, detail %.4f); margin_auto %s",
              acc["all"], acc.get("overall", float("nan")), acc.get("alignment", float("nan")),

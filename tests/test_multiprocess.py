@@ -126,14 +126,15 @@ OTHER_STAGES = {
     "autoencoder": ("autoencoder", {"batch_size": 4}),
     "evaluator": ("evaluator", {"batch_size": 8}),
     "latent_lpips": ("latent_lpips", {"batch_size": 8}),
+    "reward": ("reward", {"batch_size": 8}),  # a loss over the whole batch: gathered embeddings
     "mps": ("lora_mps", {"batch_size": 4}),
     "dmgan": ("lora_dmgan", {"batch_size": 4, "critic_updates": 2}),
 }
 # Tolerance: max |Δ| over the saved tensors < a quarter of one AdamW step (lr 1e-3: Adam's first
 # steps move a weight by up to ~lr, whatever its gradient's size, so float32 summation-order noise in
 # a near-zero gradient shows up at that scale). Measured (printed per stage): autoencoder 1.8e-5,
-# evaluator 5.2e-5, latent_lpips 1.1e-6, mps 3.5e-5, dmgan 2.0e-4, the last the same as between two
-# one-process dmgan runs with 1 and with 2 torch threads (2.0e-4).
+# evaluator 4.8e-5, latent_lpips 1.1e-6, reward 3.0e-5 (on its scores), mps 3.5e-5, dmgan 2.0e-4,
+# the last the same as between two one-process dmgan runs with 1 and with 2 torch threads (2.0e-4).
 OTHER_TOL = 0.25 * LR
 
 
@@ -194,6 +195,17 @@ def test_stage_on_two_processes_matches_one_process(stage, technique_inputs, smo
         diff = max([diff, *((a[k].float() - b[k].float()).abs().max().item() for k in a)])
         scale = max([scale, *(a[k].float().abs().max().item() for k in a)])
     print(f"{stage}: max |1 process - 2 processes| = {diff:.3g} over {files} (tolerance {OTHER_TOL}; max |w| {scale:.3g})")
+    if stage == "reward":
+        # its conv biases feed per-channel GroupNorms, which cancel them: their gradient is 0 up to float
+        # noise, which Adam turns into ±lr steps that change nothing. Compare what the model computes.
+        from tasks.reward import pair_scores, validation_pairs
+        from tlcm.reward_io import load_shapes_reward
+
+        pairs = validation_pairs(load_params(f))
+        nets = [load_shapes_reward(p.reward) for p in (one, two)]
+        s1, s2 = (torch.cat(pair_scores(net, net.tokenizer, pairs)) for net in nets)
+        diff = (s1 - s2).abs().max().item()
+        print(f"reward: max |score(1 process) - score(2 processes)| = {diff:.3g} over {len(s1)} scores")
     assert diff < OTHER_TOL
     if stage in ("mps", "dmgan"):  # the LoRA moved from its input by far more than the tolerance
         init = {"mps": "lora_ilcd", "dmgan": "lora_mps"}[stage]

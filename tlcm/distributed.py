@@ -35,11 +35,8 @@ log = logging.getLogger("tlcm")
 T = TypeVar("T")
 LAUNCHED_ENV = "TLCM_LAUNCHED"  # set by :func:`launch_command` in the children it starts
 # Stages whose training loop follows the contract above (a new training stage adds itself here).
-# `reward` is not one: its listwise loss uses the other captions of the batch as negatives and its
-# centering term is a square of the batch mean, so a sharded batch is a different loss (an exact
-# version needs an all-gather of embeddings); with the real MPS (the sdxl preset) it trains nothing.
-MULTI_PROCESS_STAGES = frozenset({"autoencoder", "evaluator", "teacher", "latent_lpips", "lcm_baseline", "mlcd", "ilcd",
-                                  "mps", "dmgan"})
+MULTI_PROCESS_STAGES = frozenset({"autoencoder", "evaluator", "teacher", "latent_lpips", "reward", "lcm_baseline", "mlcd",
+                                  "ilcd", "mps", "dmgan"})
 
 
 class ShardError(ValueError):
@@ -160,6 +157,22 @@ def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
     if params:
         for p, g in zip(params, _flat_all_reduce_mean([p.grad for p in params])):
             p.grad.copy_(g)
+
+
+def all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Every process's shard of a batch, concatenated in rank order (the global batch), with autograd.
+
+    For a loss that couples the whole batch (contrastive negatives, batch statistics): every process
+    computes the same global loss from the gathered rows; the backward sends each process the sum
+    over processes of its own rows' gradient (N times the global loss's gradient, as every process
+    computed it), so after :func:`average_gradients` every parameter holds the global loss's gradient
+    (parameters used on every process on the whole batch get N identical gradients; their mean is it).
+    Identity on one process."""
+    if not _group_active():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), 0)
 
 
 def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
