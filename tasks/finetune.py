@@ -108,7 +108,7 @@ def eq9_batch(s: Student, batch_size: int, q: int, gen: torch.Generator) -> Eq9B
         cond = encode_prompts(s.pipe, mine)
     eps = draw_randn(gen, batch_size, *s.shape)
     noise = draw_randn(gen, batch_size, *s.shape)
-    t_m = torch.tensor(s.ms)[draw_randint(gen, 1, len(s.ms), batch_size).cpu()].to(D.device())
+    t_m = torch.tensor(s.ms, device=D.device())[draw_randint(gen, 1, len(s.ms), batch_size)]
     z0, z_t = ilcd_inputs(s.student, eps, noise, t_m, q, cond)
     return Eq9Batch(mine, prompts, cond, z0, z_t, t_m)
 

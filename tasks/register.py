@@ -22,7 +22,7 @@ import yaml
 from tlcm import tracking
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, atomic_write_json
+from tlcm.storage import ArtifactError, atomic_write_json, read_json
 
 log = logging.getLogger("tlcm")
 
@@ -43,13 +43,8 @@ def final_artifact(paths: Paths) -> Path:
 
 
 def _benchmark(paths: Paths) -> dict:
-    f = paths.benchmark / "benchmark.json"
-    if not f.is_file():
-        raise ArtifactError(f"benchmark not found: {f}. Build it with `tlcm stage evaluate` (or `dvc repro evaluate`).")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"benchmark is not valid JSON: {f} ({e}); re-run `tlcm stage evaluate`") from e
+    return read_json(paths.benchmark / "benchmark.json", "benchmark",
+                     "build it with `tlcm stage evaluate` (or `dvc repro evaluate`)")
 
 
 def _fmt(v) -> str:

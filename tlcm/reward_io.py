@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from models.reward import MPSNet, RewardScorer, ShapesReward, cross_dims_from_state
-from tlcm.storage import ArtifactError, atomic_dir, load_tensors, save_tensors
+from tlcm.storage import ArtifactError, atomic_dir, load_tensors, read_json, save_tensors
 
 MPS_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the tokenizer MPS was trained with
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -51,13 +51,7 @@ def save_shapes_reward(net: ShapesReward, folder: Path, tokenizer_dir: Path, ext
 
 
 def read_config(folder: Path, hint: str) -> dict[str, Any]:
-    f = folder / "config.json"
-    if not f.is_file():
-        raise ArtifactError(f"reward model not found: no config.json in {folder}; {hint}")
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"reward config is corrupt: {f} ({e}); {hint}") from e
+    return read_json(folder / "config.json", "reward model config", hint)
 
 
 def load_tokenizer(source: str | Path, what: str, hint: str) -> Any:

@@ -91,6 +91,17 @@ def load_tensors(path: str | Path, what: str = "weights") -> dict[str, torch.Ten
         ) from e
 
 
+def read_json(path: str | Path, what: str, fix: str) -> Any:
+    """Read a JSON file; a missing or corrupt one raises ``ArtifactError`` naming the file and ``fix``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found: {path}; {fix}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{what} is corrupt (not valid JSON): {path} ({e}); {fix}") from e
+
+
 # ---- nested state (optimizer, RNG, counters) <-> flat safetensors ----------------
 
 def _flatten(obj: Any, prefix: str, tensors: dict) -> Any:
@@ -143,10 +154,7 @@ class Checkpointer:
         pointer = self.folder / "latest.json"
         if not pointer.is_file():
             return None
-        try:
-            meta = json.loads(pointer.read_text())
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"checkpoint pointer is corrupt: {pointer} ({e}); delete {self.folder} to start over") from e
+        meta = read_json(pointer, "checkpoint pointer", f"delete {self.folder} to start over")
         if meta.get("fingerprint") != self.fingerprint:
             return None
         path = self.folder / meta["file"]
