@@ -13,6 +13,7 @@ ap = argparse.ArgumentParser(description=__doc__)
 ap.add_argument("--steps", type=int, default=1000)
 ap.add_argument("--lr", type=float, default=3e-4)
 ap.add_argument("--seed", type=int, default=12, help="data seed (the teacher was trained with teacher.seed)")
+ap.add_argument("--parse-weight", type=float, default=0.0, help="teacher.parse_weight (caption-parsing loss)")
 ap.add_argument("--out", required=True, help="scratch artifacts folder (gets world/autoencoder links and teacher/)")
 a = ap.parse_args()
 src, out = Path("artifacts").resolve(), Path(a.out)
@@ -22,6 +23,7 @@ for d in ("world", "autoencoder"):
         (out / d).symlink_to(src / d)
 params = load_params("params.yaml")
 params = params.model_copy(update={"teacher": params.teacher.model_copy(
-    update={"steps": a.steps, "lr": a.lr, "warmup_steps": 20, "seed": a.seed})})
+    update={"steps": a.steps, "lr": a.lr, "warmup_steps": 20, "seed": a.seed,
+                                        "parse_weight": a.parse_weight})})
 T.build_pipeline = lambda params, paths: StableDiffusionXLPipeline.from_pretrained(src / "teacher")
 print(T.run(params, Paths(out)))

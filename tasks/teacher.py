@@ -24,8 +24,10 @@ from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 from diffusers.training_utils import EMAModel
 from transformers import CLIPTokenizer
 
+from models.caption_head import CaptionHead
 from models.denoiser import Denoiser, encode_prompts
 from models.diffusion import q_sample
+from models.evaluator import classification_loss
 from models.sdxl_shaped import build_scheduler, build_text_encoders, build_unet
 from tlcm import distributed as D
 from tlcm import world as W
@@ -88,6 +90,13 @@ def run(params: Params, paths: Paths) -> dict:
     pipe.to(dev)
     unet, te1, te2, vae = pipe.unet, pipe.text_encoder, pipe.text_encoder_2, pipe.vae
     trainable = [*unet.parameters(), *te1.parameters(), *te2.parameters()]
+    head = None
+    if p.parse_weight > 0:  # training-only, seeded so that it does not depend on what ran before
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p.seed)
+            head = CaptionHead(unet.config.cross_attention_dim, te2.config.projection_dim,
+                               {k: len(v) for k, v in W.LABEL_SPACES.items()}).to(dev)
+        trainable += list(head.parameters())
     D.broadcast_from_main(trainable)
     for m in (unet, te1, te2):
         m.train()
@@ -109,6 +118,7 @@ def run(params: Params, paths: Paths) -> dict:
         eps = torch.randn((B, *latent_shape), generator=gen)
         if p.offset_noise:  # per-channel constant offset: lets the model move an image's mean (dark/bright scenes)
             eps = eps + p.offset_noise * torch.randn((B, latent_shape[0], 1, 1), generator=gen)
+        specs_global, keep_global = specs, keep
         specs, imgs = D.shard(list(specs)), D.shard(imgs)
         keep, t, eps = D.shard(keep).to(dev), D.shard(t).to(dev), D.shard(eps).to(dev)
         with torch.no_grad():
@@ -117,10 +127,20 @@ def run(params: Params, paths: Paths) -> dict:
         pred = model.eps(q_sample(z0, eps, t, model.alphas_cumprod), t, cond)
         per_sample = F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))
         terms = {"eps_mse": per_sample.mean()}
+        if head is not None:  # parse the kept captions (dropped ones are zeros); global counts, sharded labels
+            labels = {k: torch.tensor([W.label_indices(s)[k] for s in specs_global]).masked_fill(~keep_global, -1)
+                      for k in W.LABEL_SPACES}
+            counts = {k: float((v >= 0).sum()) / world for k, v in labels.items()}
+            parse = classification_loss(head(cond.prompt_embeds, cond.pooled),
+                                        {k: D.shard(v).to(dev) for k, v in labels.items()}, counts)
+            terms["parse_ce"] = sum(parse.values()) / len(parse)
         ensure_finite(terms, "teacher", step)
         weight = min_snr_weight(model.alphas_cumprod, t, p.min_snr_gamma).to(dev)
         opt.zero_grad(set_to_none=True)
-        (weight * per_sample).mean().backward()  # a mean over the shard: averaged gradients = the global mean's
+        loss = (weight * per_sample).mean()  # a mean over the shard: averaged gradients = the global mean's
+        if head is not None:
+            loss = loss + p.parse_weight * terms["parse_ce"]
+        loss.backward()
         D.average_gradients(trainable)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
@@ -129,6 +149,8 @@ def run(params: Params, paths: Paths) -> dict:
 
     ckpt = Checkpointer(paths.checkpoints("teacher"), fingerprint(p, wp, params.autoencoder))
     state = {"unet": unet, "te1": te1, "te2": te2, "opt": opt, "ema": ema}
+    if head is not None:
+        state["parse_head"] = head
     res = run_loop("teacher", p.steps, step_fn, state, ckpt, p.checkpoint_every, max_minutes=p.max_minutes)
 
     ema.copy_to(trainable)
@@ -136,6 +158,7 @@ def run(params: Params, paths: Paths) -> dict:
         m.eval()
     info = {"source": "train", "steps": res.steps_done, "train_seconds": res.seconds, "world_size": world,
             "final_eps_mse": res.history[-1]["eps_mse"] if res.history else None,
+            **({"final_parse_ce": res.history[-1]["parse_ce"]} if head is not None and res.history else {}),
             "unet_params_millions": sum(x.numel() for x in unet.parameters()) / 1e6}
     if D.is_main():
         with atomic_dir(paths.teacher) as out:

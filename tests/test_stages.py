@@ -121,3 +121,26 @@ def test_killed_stage_resumes_from_its_checkpoint(tmp_path):
     resumed = int(r.stderr.split("resumed from checkpoint at step ")[1].split("/")[0])
     assert resumed >= killed_at
     assert (art / "autoencoder" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_teacher_caption_parsing_loss_trains_the_text_encoders_and_is_not_saved(smoke_artifacts, smoke_params, tmp_path):
+    """teacher.parse_weight > 0 adds a parsing cross-entropy that falls below chance; the saved
+    pipeline has exactly the tensors of a teacher trained without it (the head is discarded)."""
+    from safetensors.torch import load_file
+
+    from tasks.registry import run_stage
+    from tlcm import world as W
+    from tlcm.paths import Paths
+
+    paths = Paths(tmp_path / "art")
+    paths.root.mkdir()
+    for d in ("world", "autoencoder"):
+        (paths.root / d).symlink_to(getattr(smoke_artifacts, d))
+    teacher = smoke_params.teacher.model_copy(update={"parse_weight": 1.0, "steps": 150, "warmup_steps": 5, "lr": 3e-3, "batch_size": 16})
+    info = run_stage("teacher", smoke_params.model_copy(update={"teacher": teacher}), paths)
+    chance = float(np.mean([np.log(len(v)) for v in W.LABEL_SPACES.values()]))
+    assert info["final_parse_ce"] < 0.5 * chance, (info["final_parse_ce"], chance)
+    for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "text_encoder_2/model"):
+        ours = load_file(paths.teacher / f"{part}.safetensors")
+        ref = load_file(smoke_artifacts.teacher / f"{part}.safetensors")
+        assert set(ours) == set(ref), part

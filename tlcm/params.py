@@ -89,6 +89,8 @@ class TeacherParams(Section):
     cond_drop: float = Field(0.1, ge=0.0, le=1.0)
     min_snr_gamma: float = Field(5.0, ge=0.0, description="Min-SNR-γ loss weighting; 0 = uniform")
     offset_noise: float = Field(0.0, ge=0.0, description="offset-noise strength (SDXL trained with 0.0357); 0 = off")
+    parse_weight: float = Field(0.0, ge=0.0, description="weight of the caption-parsing loss on the text encoders "
+                                "(models/caption_head.py; stand-in for CLIP pretraining); 0 = off")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="frozen teacher weights in the distillation stages (autocast; LoRAs stay float32)")
     gradient_checkpointing: bool = Field(False, description="recompute UNet activations in backward (SDXL: on)")
