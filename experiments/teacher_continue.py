@@ -23,7 +23,6 @@ for d in ("world", "autoencoder"):
         (out / d).symlink_to(src / d)
 params = load_params("params.yaml")
 params = params.model_copy(update={"teacher": params.teacher.model_copy(
-    update={"steps": a.steps, "lr": a.lr, "warmup_steps": 20, "seed": a.seed,
-                                        "parse_weight": a.parse_weight})})
+    update={"steps": a.steps, "lr": a.lr, "warmup_steps": 20, "seed": a.seed, "parse_weight": a.parse_weight})})
 T.build_pipeline = lambda params, paths: StableDiffusionXLPipeline.from_pretrained(src / "teacher")
 print(T.run(params, Paths(out)))

@@ -132,15 +132,20 @@ def test_teacher_caption_parsing_loss_trains_the_text_encoders_and_is_not_saved(
     from tlcm import world as W
     from tlcm.paths import Paths
 
-    paths = Paths(tmp_path / "art")
-    paths.root.mkdir()
-    for d in ("world", "autoencoder"):
-        (paths.root / d).symlink_to(getattr(smoke_artifacts, d))
-    teacher = smoke_params.teacher.model_copy(update={"parse_weight": 1.0, "steps": 150, "warmup_steps": 5, "lr": 3e-3, "batch_size": 16})
-    info = run_stage("teacher", smoke_params.model_copy(update={"teacher": teacher}), paths)
+    def train(name: str, **update) -> tuple[Paths, dict]:
+        paths = Paths(tmp_path / name)
+        paths.root.mkdir()
+        for d in ("world", "autoencoder"):
+            (paths.root / d).symlink_to(getattr(smoke_artifacts, d))
+        teacher = smoke_params.teacher.model_copy(update=update)
+        return paths, run_stage("teacher", smoke_params.model_copy(update={"teacher": teacher}), paths)
+
+    parsed, info = train("parsed", parse_weight=1.0, steps=150, warmup_steps=5, lr=3e-3, batch_size=16)
+    plain, plain_info = train("plain", parse_weight=0.0, steps=2)
     chance = float(np.mean([np.log(len(v)) for v in W.LABEL_SPACES.values()]))
     assert info["final_parse_ce"] < 0.5 * chance, (info["final_parse_ce"], chance)
+    assert "final_parse_ce" not in plain_info
     for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "text_encoder_2/model"):
-        ours = load_file(paths.teacher / f"{part}.safetensors")
-        ref = load_file(smoke_artifacts.teacher / f"{part}.safetensors")
+        ours = load_file(parsed.teacher / f"{part}.safetensors")
+        ref = load_file(plain.teacher / f"{part}.safetensors")
         assert set(ours) == set(ref), part
