@@ -8,7 +8,7 @@ from tasks.evaluate import frechet_distance
 from tasks.evaluator import accuracy, load_evaluator
 from tasks.generate import load_student_pipe, student_samples
 from tasks.world import read_prompts
-from tlcm import world as W
+from tlcm import render as R
 from tlcm.params import load_params
 from tlcm.paths import Paths
 
@@ -22,13 +22,13 @@ params, paths = load_params("params.yaml"), Paths(Path("artifacts"))
 net = load_evaluator(params, paths)
 specs = read_prompts(paths, "eval")[: params.evaluate.n_prompts]
 seed = params.evaluate.seed
-real = W.render_batch(specs, seed + 11, params.world.image_size)
+real = R.render_batch(specs, seed + 11, params.world.image_size)
 pipe = load_student_pipe(str(paths.teacher), Path(a.lora) if a.lora else paths.lora(a.stage), "tlcm")
 official = dict(S._OFFICIAL_TABLE)
 for n, idx in TABLES:
     S._OFFICIAL_TABLE[n] = idx
     s = student_samples(pipe, [x.caption() for x in specs], n, seed, 64, pipe.scheduler)
-    acc = accuracy(net, W.to_unit_tensor(s.images), specs)["all"]
+    acc = accuracy(net, R.to_unit_tensor(s.images), specs)["all"]
     tag = "official" if official[n] == idx else ""
     print(f"{n} steps {S.tlcm_timesteps(n)} {tag}: alignment {acc:.3f}, Fréchet {frechet_distance(net, real, s.images):.1f}")
     S._OFFICIAL_TABLE[n] = official[n]

@@ -7,7 +7,7 @@ import torch
 from tasks.evaluator import aligned, load_evaluator
 from tasks.generate import teacher_ddim
 from tasks.world import read_prompts
-from tlcm import world as W
+from tlcm import render as R
 from tlcm.params import load_params
 from tlcm.paths import Paths
 from tlcm.teacher_io import load_teacher
@@ -23,7 +23,7 @@ specs = read_prompts(paths, "eval")[: a.n]
 pipe = load_teacher(a.teacher or str(paths.teacher))
 two = torch.tensor([len(s.objects) == 2 for s in specs])
 for w in (float(x) for x in a.guidance.split(",")):
-    x = W.to_unit_tensor(teacher_ddim(pipe, [s.caption() for s in specs], 25, w, params.evaluate.seed, 64).images)
+    x = R.to_unit_tensor(teacher_ddim(pipe, [s.caption() for s in specs], 25, w, params.evaluate.seed, 64).images)
     ok, mirrored = aligned(net, x, specs), aligned(net, x, [s.mirrored() for s in specs])
     print(f"w={w}: alignment {ok.float().mean():.3f}")
     for name, m in (("one object", ~two), ("two objects", two)):

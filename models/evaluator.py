@@ -2,7 +2,10 @@
 
 One small CNN with a shared trunk and one head per label space. Its
 flattened trunk output is the feature space of the Fréchet distance (the FID
-analogue); its heads give the alignment accuracy (the CLIP-score analogue).
+analogue); its prompted heads give the alignment accuracy (the CLIP-score analogue).
+Nuisance heads learn what the caption leaves open (rotation, fill, background texture,
+distractors; :data:`tlcm.render.NUISANCE_SPACES`): never part of alignment, they make the
+features, and so the Fréchet distance, see whether those details are drawn or blurred away.
 The trunk keeps the 4×4 spatial map (no global pooling) so that position and
 relation stay recognisable.
 """
@@ -82,10 +85,14 @@ def classification_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch
     return out
 
 
+PROMPTED_HEADS: tuple[str, ...] = tuple(h for heads in ATTRIBUTE_GROUPS.values() for h in heads)
+
+
 def attribute_correct(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per image and attribute group: True when every applicable head in the group is right.
-    ``all`` is the alignment criterion: every prompted attribute recognised."""
-    right = {k: (lg.argmax(-1) == labels[k]) | (labels[k] < 0) for k, lg in logits.items()}
+    ``all`` is the alignment criterion: every prompted attribute recognised (the heads of
+    :data:`ATTRIBUTE_GROUPS`; nuisance heads, for what the caption leaves open, never count)."""
+    right = {k: (logits[k].argmax(-1) == labels[k]) | (labels[k] < 0) for k in PROMPTED_HEADS}
     groups = {g: torch.stack([right[h] for h in heads]).all(0) for g, heads in ATTRIBUTE_GROUPS.items()}
     groups["all"] = torch.stack(list(right.values())).all(0)
     return groups

@@ -40,3 +40,31 @@ def sample_with_scheduler(model: Denoiser, cond: Cond, scheduler, steps: int, z_
         eps = model.eps_cfg(scheduler.scale_model_input(z, t), t, cond, w)
         z = scheduler.step(eps, t, z, generator=generator, return_dict=False)[0]
     return z
+
+
+# ---- the training-free few-step samplers a user would try before distilling (benchmark baselines) ----
+BASELINE_SAMPLERS: dict[str, str] = {
+    "tlcm": "TLCM re-noising sampler",
+    "dpmpp_2m": "DPM-Solver++ (2M)",
+    "euler_a": "Euler ancestral",
+    "ddim": "DDIM",
+}
+
+
+def baseline_scheduler(name: str, config):
+    """The diffusers scheduler of a training-free baseline, from the teacher's scheduler config, set up as a
+    careful user would for few steps: "trailing" timesteps (the first step at t = T − 1), x̂_0 at the end."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+    from models.scheduler import TLCMScheduler
+
+    if name == "tlcm":
+        return TLCMScheduler.from_config(config)
+    if name == "dpmpp_2m":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       timestep_spacing="trailing", final_sigmas_type="zero")
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True)
+    raise ValueError(f"unknown baseline sampler '{name}' (known: {', '.join(BASELINE_SAMPLERS)})")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from models.sdxl_shaped import build_vae
 from tlcm import distributed as D
-from tlcm import world as W
+from tlcm import render as R
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import Checkpointer, atomic_dir, atomic_write_json
@@ -32,8 +32,8 @@ def run(params: Params, paths: Paths) -> dict:
         for g in opt.param_groups:
             g["lr"] = p.lr * cosine_warmup(step, 100, p.steps)
         # the GLOBAL batch and its posterior noise on every process; this process's shard
-        _, imgs = W.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size)
-        x = D.shard(W.to_unit_tensor(imgs) * 2 - 1).to(D.device())
+        _, imgs = R.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size)
+        x = D.shard(R.to_unit_tensor(imgs) * 2 - 1).to(D.device())
         post = vae.encode(x).latent_dist
         noise = torch.randn((p.batch_size, *post.mean.shape[1:]), generator=step_generator(p.seed, step))
         rec = vae.decode(post.mean + post.std * D.shard(noise).to(x.device)).sample  # z ~ q(z|x)
@@ -54,8 +54,8 @@ def run(params: Params, paths: Paths) -> dict:
     # SD's convention: scale latents to unit variance (SDXL uses 0.13025 for its VAE).
     vae.eval().to("cpu")
     with torch.no_grad():
-        _, imgs = W.train_batch(p.seed + 1, 0, 256, wp.two_object_frac, wp.image_size)
-        x = W.to_unit_tensor(imgs) * 2 - 1
+        _, imgs = R.train_batch(p.seed + 1, 0, 256, wp.two_object_frac, wp.image_size)
+        x = R.to_unit_tensor(imgs) * 2 - 1
         z = vae.encode(x).latent_dist.mean
         rec = vae.decode(z).sample.clamp(-1, 1)
         psnr = (10 * torch.log10(4.0 / F.mse_loss(rec, x))).item()

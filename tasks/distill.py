@@ -67,12 +67,12 @@ class QuickEval:
         from tasks.evaluator import accuracy
         from tasks.generate import student_samples
         from tlcm import tracking
-        from tlcm import world as W
+        from tlcm import render as R
 
         out: dict = {"step": step}
         for n in self.steps:
             s = student_samples(self.pipe, [x.caption() for x in self.specs], n, 0, 64, self.scheduler)
-            out[f"eval_alignment_{n}step"] = accuracy(self.net, W.to_unit_tensor(s.images), self.specs)["all"]
+            out[f"eval_alignment_{n}step"] = accuracy(self.net, R.to_unit_tensor(s.images), self.specs)["all"]
         self.history.append(out)
         tracking.log_step(self.stage, step, {k: v for k, v in out.items() if k != "step"})
         log.info("%s: step %d quick eval %s", self.stage, step, {k: round(v, 3) for k, v in out.items() if k != "step"})

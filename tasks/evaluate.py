@@ -3,7 +3,15 @@
 Every row is judged by the independent evaluator: alignment accuracy (every
 prompted attribute recognised) with per-attribute accuracies, and the
 Fréchet distance of evaluator features against real renders of the same
-prompts. ``mirror_swapped`` is the fraction of images that fail only because left/right or
+prompts.
+
+Rows: the reference (the teacher, DDIM + CFG at ``reference_steps``); the training-free
+baselines a user would try before distilling (the untrained teacher with the TLCM re-noising
+sampler, DPM-Solver++ (2M), Euler ancestral and DDIM, each at every CFG scale of
+``baseline_guidance``: the whole sweep runs on ``selection_prompts`` held-out prompts whose
+captions the benchmark never uses, and each sampler's best CFG scale by alignment and by Fréchet
+distance is carried to the benchmark prompts); and every student LoRA (LCM baseline, TLCM after
+each stage). The summary says what the shipped LoRA adds over the best baseline per step count. ``mirror_swapped`` is the fraction of images that fail only because left/right or
 top/bottom is exchanged (right objects, wrong places). Speed is end to end (text encoding, sampling, VAE decoding) at the
 stage's batch size, in one process, so rows are comparable as ratios.
 """
@@ -12,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,9 +28,12 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from models.evaluator import FeatureExtractor
 from tasks.evaluator import accuracy, load_evaluator, mirror_swapped, require
+from models.sampling import BASELINE_SAMPLERS, baseline_scheduler
 from tasks.generate import Samples, student_samples, teacher_ddim
 from tasks.world import read_prompts
+from tlcm import render as R
 from tlcm import world as W
+from tlcm.benchmark_report import markdown, standard_error, summary_markdown
 from tlcm.grids import save_grid
 from tlcm.params import Params
 from tlcm.paths import Paths
@@ -39,6 +50,9 @@ class Row:
     guidance: float
     samples: Samples
     compositional: Samples | None = None
+    kind: str = "student"  # "reference" | "baseline" | "student"
+    extra: dict = field(default_factory=dict)  # e.g. the baseline's sampler and why it was selected
+    seed_images: list[np.ndarray] = field(default_factory=list)  # the same row under other noise seeds
 
 
 def frechet_distance(net, real: np.ndarray, fake: np.ndarray) -> float:
@@ -52,36 +66,20 @@ def frechet_distance(net, real: np.ndarray, fake: np.ndarray) -> float:
 
 
 def score(net, row: Row, specs: list[W.Spec], real: np.ndarray, comp_specs: list[W.Spec]) -> dict:
-    images = W.to_unit_tensor(row.samples.images)
+    images = R.to_unit_tensor(row.samples.images)
     acc = accuracy(net, images, specs)
     out = {
-        "method": row.method, "steps": row.steps, "guidance": row.guidance,
-        "alignment": acc["all"], "mirror_swapped": mirror_swapped(net, images, specs),
+        "method": row.method, "steps": row.steps, "guidance": row.guidance, "kind": row.kind, **row.extra,
+        "alignment": acc["all"], "alignment_se": standard_error(acc["all"], len(specs)),
+        "mirror_swapped": mirror_swapped(net, images, specs),
         **{f"acc_{k}": v for k, v in acc.items() if k != "all"},
         "frechet": frechet_distance(net, real, row.samples.images),
         "sec_per_image": row.samples.seconds_per_image, "unet_evals": row.samples.unet_evals_per_image,
         "real_images_used": 0,
     }
     if row.compositional is not None:
-        out["alignment_compositional"] = accuracy(net, W.to_unit_tensor(row.compositional.images), comp_specs)["all"]
+        out["alignment_compositional"] = accuracy(net, R.to_unit_tensor(row.compositional.images), comp_specs)["all"]
     return out
-
-
-COLUMNS = [("method", "method"), ("steps", "steps"), ("alignment", "align."), ("alignment_compositional", "align. (held-out combos)"),
-           ("mirror_swapped", "mirror-swapped"),
-           ("acc_colour", "colour"), ("acc_shape", "shape"), ("acc_size", "size"), ("acc_layout", "position/relation"),
-           ("acc_background", "bg"), ("frechet", "Fréchet"), ("reward", "reward"), ("sec_per_image", "s/img"),
-           ("speedup_vs_teacher", "speed-up vs teacher-25"), ("unet_evals", "UNet evals/img"),
-           ("train_cpu_minutes", "train CPU-min"), ("real_images_used", "real images")]
-
-
-def markdown(rows: list[dict], header: str) -> str:
-    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) and v < 1 else (f"{v:.2f}" if isinstance(v, float) else str(v))  # noqa: E731
-    lines = [header, "", "| " + " | ".join(t for _, t in cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(k, "")) for k, _ in cols) + " |")
-    return "\n".join(lines) + "\n"
 
 
 STUDENT_LABELS = {"lcm_baseline": "LCM-LoRA baseline (LCD, 1 segment)", "mlcd": "TLCM after mlcd",
@@ -97,6 +95,12 @@ def student_rows(p) -> list[tuple[str, str, tuple[int, ...]]]:
             for st in p.student_stages]
 
 
+def shipped_label(p) -> str | None:
+    """The row label of the LoRA the pipeline ships (the last TLCM stage benchmarked)."""
+    tlcm = [label for st, label, _ in student_rows(p) if st != "lcm_baseline"]
+    return tlcm[-1] if tlcm else None
+
+
 def load_student(source: str, lora_dir, stage: str):
     """The user's way (tasks.generate.load_student_pipe): fresh teacher, LoRA loaded and fused, and the
     sampler of that model family (LCMScheduler for the LCM baseline, TLCMScheduler for TLCM)."""
@@ -106,8 +110,7 @@ def load_student(source: str, lora_dir, stage: str):
 
 
 def _add_speedups(table: list[dict]) -> None:
-    ref = next((r for r in table if r["method"].startswith("teacher") and r["steps"] == max(
-        x["steps"] for x in table if x["method"].startswith("teacher"))), None)
+    ref = next((r for r in table if r.get("kind") == "reference"), None)
     for r in table:
         if ref and r.get("sec_per_image"):
             r["speedup_vs_teacher"] = ref["sec_per_image"] / r["sec_per_image"]
@@ -131,31 +134,90 @@ def reward_scores(params: Params, paths: Paths, table: list[dict], images: list[
     scorer = load_reward(params, paths)
     bs = params.evaluate.batch_size
     for r, imgs in zip(table, images):
-        x = W.to_unit_tensor(imgs)
+        x = R.to_unit_tensor(imgs)
         r["reward"] = float(torch.cat([scorer.score(x[i:i + bs], prompts[i:i + bs], params.mps.condition)
                                        for i in range(0, len(prompts), bs)]).mean())
 
 
-def sample_rows(params: Params, paths: Paths, prompts: list[str], comp_prompts: list[str] | None) -> list[Row]:
-    """Teacher DDIM+CFG rows and every student LoRA row, sampled the way users sample them."""
+def selection_specs(params: Params, eval_specs: list[W.Spec]) -> list[W.Spec]:
+    """Held-out (eval-split) prompts for choosing the baselines' CFG scale, none with a benchmark caption."""
+    taken = {s.caption() for s in eval_specs}
+    pool = W.sample_specs(params.evaluate.seed + 1000, 8 * params.evaluate.selection_prompts, "eval",
+                          params.world.two_object_frac)
+    return [s for s in pool if s.caption() not in taken][: params.evaluate.selection_prompts]
+
+
+def baseline_sweep(params: Params, pipe, net, specs: list[W.Spec]) -> tuple[list[dict], list[tuple[str, int, float, str]]]:
+    """Every training-free (sampler, steps, CFG w) of the untrained teacher on the selection prompts, and the
+    configurations carried to the benchmark: per sampler and step count, the best by alignment and by Fréchet."""
     p = params.evaluate
+    prompts = [s.caption() for s in specs]
+    real = R.render_batch(specs, p.seed + 13, params.world.image_size)
+    sweep = []
+    for name in p.baseline_samplers:
+        sched = baseline_scheduler(name, pipe.scheduler.config)
+        for n in p.baseline_steps:
+            for w in p.baseline_guidance:
+                s = student_samples(pipe, prompts, n, p.seed, p.batch_size, sched, guidance=w)
+                sweep.append({"sampler": name, "steps": n, "guidance": w, "n_prompts": len(prompts),
+                              "alignment": accuracy(net, R.to_unit_tensor(s.images), specs)["all"],
+                              "frechet": frechet_distance(net, real, s.images)})
+            log.info("evaluate: baseline sweep %s %d steps: %s", name, n,
+                     {r["guidance"]: round(r["alignment"], 3) for r in sweep if r["sampler"] == name and r["steps"] == n})
+    chosen: dict[tuple[str, int, float], list[str]] = {}
+    for name in p.baseline_samplers:
+        for n in p.baseline_steps:
+            rs = [r for r in sweep if r["sampler"] == name and r["steps"] == n]
+            best_a = max(rs, key=lambda r: (r["alignment"], -r["frechet"]))
+            best_f = min(rs, key=lambda r: (r["frechet"], -r["alignment"]))
+            for r, why in ((best_a, "alignment"), (best_f, "frechet")):
+                r.setdefault("selected_by", []).append(why)
+                chosen.setdefault((name, n, r["guidance"]), []).append(why)
+    return sweep, [(name, n, w, "+".join(why)) for (name, n, w), why in chosen.items()]
+
+
+def sample_rows(params: Params, paths: Paths, specs: list, comp_prompts: list[str] | None, net
+                ) -> tuple[list[Row], list[dict]]:
+    """The reference, the selected training-free baselines and every student LoRA, sampled the way users
+    sample them; and the baselines' whole sweep on the selection prompts. ``specs``: shapes-world specs, or
+    plain prompts for a real teacher (``net`` None: no judge, so no baseline sweep and no seed spread)."""
+    p = params.evaluate
+    prompts = [s if isinstance(s, str) else s.caption() for s in specs]
     source = resolve_teacher(params.teacher.source, paths.teacher)
     pipe = load_teacher(source)
     assert not getattr(pipe.unet, "peft_config", None), "teacher rows must run without any adapter"
     comp = (lambda f: f(comp_prompts)) if comp_prompts else (lambda f: None)  # noqa: E731
-    rows: list[Row] = []
-    for n in p.teacher_steps:
-        log.info("evaluate: teacher DDIM %d steps, w=%s, %d prompts", n, p.guidance_scale, len(prompts))
-        rows.append(Row("teacher DDIM + CFG", n, p.guidance_scale,
-                        teacher_ddim(pipe, prompts, n, p.guidance_scale, p.seed, p.batch_size),
-                        comp(lambda ps: teacher_ddim(pipe, ps, n, p.guidance_scale, p.seed, p.batch_size))))
+    n_ref = p.reference_steps
+    log.info("evaluate: reference: teacher DDIM %d steps, w=%s, %d prompts", n_ref, p.guidance_scale, len(prompts))
+    ref = lambda ps, seed=p.seed: teacher_ddim(pipe, ps, n_ref, p.guidance_scale, seed, p.batch_size)  # noqa: E731
+    rows = [Row("teacher DDIM + CFG (reference)", n_ref, p.guidance_scale, ref(prompts), comp(ref), "reference",
+                seed_images=[ref(prompts, p.seed + k).images for k in range(1, p.sample_seeds)] if net else [])]
+    sweep: list[dict] = []
+    if net is not None and p.baseline_samplers:
+        sweep, chosen = baseline_sweep(params, pipe, net, selection_specs(params, specs))
+        for name, n, w, why in chosen:
+            sched = baseline_scheduler(name, pipe.scheduler.config)
+            sample = lambda ps: student_samples(pipe, ps, n, p.seed, p.batch_size, sched, guidance=w)  # noqa: E731
+            rows.append(Row(f"teacher + {BASELINE_SAMPLERS[name]}", n, w, sample(prompts), comp(sample), "baseline",
+                            {"sampler": name, "selected_by": why}))
+    shipped = shipped_label(p)
     for stage, label, steps in student_rows(p):
         student = load_student(source, paths.lora(stage), stage)
         for n in steps:
             log.info("evaluate: %s %d steps (LoRA fused), %d prompts", label, n, len(prompts))
-            rows.append(Row(label, n, 1.0, student_samples(student, prompts, n, p.seed, p.batch_size, student.scheduler),
-                            comp(lambda ps: student_samples(student, ps, n, p.seed, p.batch_size, student.scheduler))))
-    return rows
+            sample = lambda ps, seed=p.seed: student_samples(student, ps, n, seed, p.batch_size, student.scheduler)  # noqa: E731
+            seeds = [sample(prompts, p.seed + k).images for k in range(1, p.sample_seeds)] if net and label == shipped else []
+            rows.append(Row(label, n, 1.0, sample(prompts), comp(sample), "student", seed_images=seeds))
+    return rows, sweep
+
+
+def _seed_spread(net, rows: list[Row], table: list[dict], specs: list[W.Spec]) -> None:
+    """Alignment under each extra noise seed (reference and shipped LoRA): the spread sampling alone causes."""
+    for row, t in zip(rows, table):
+        if row.seed_images:
+            per_seed = [t["alignment"]] + [accuracy(net, R.to_unit_tensor(x), specs)["all"] for x in row.seed_images]
+            t["alignment_per_seed"] = per_seed
+            t["alignment_seed_spread"] = max(per_seed) - min(per_seed)
 
 
 def _add_training(paths: Paths, p, table: list[dict]) -> None:
@@ -166,14 +228,18 @@ def _add_training(paths: Paths, p, table: list[dict]) -> None:
                 r["train_cpu_minutes"] = sum(cpu_min.get(k, 0.0) for k in LINEAGE.get(st, (st,)))
 
 
-def _write(params: Params, paths: Paths, table: list[dict], meta: dict, header: str, grid_rows, prompts: list[str]) -> dict:
+def _write(params: Params, paths: Paths, table: list[dict], meta: dict, header: str, grid_rows, prompts: list[str],
+           sweep: list[dict] | None = None) -> dict:
+    shipped = shipped_label(params.evaluate)
     with atomic_dir(paths.benchmark) as out:
-        (out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=2))
-        (out / "benchmark.md").write_text(markdown(table, header))
+        (out / "benchmark.json").write_text(json.dumps({"meta": meta, "rows": table, "baseline_sweep": sweep or []},
+                                                       indent=2))
+        (out / "benchmark.md").write_text(markdown(table, header) + summary_markdown(table, shipped))
         save_grid(grid_rows, out / "samples.png")
         (out / "prompts.txt").write_text("\n".join(prompts[: params.evaluate.grid_prompts]) + "\n")
-    atomic_write_json(paths.metrics / "evaluate.json", {f"{r['method']}@{r['steps']}": {k: v for k, v in r.items()
-                      if isinstance(v, (int, float))} for r in table})
+    atomic_write_json(paths.metrics / "evaluate.json", {f"{r['method']}@{r['steps']}" + (
+        f"@w{r['guidance']}" if r.get("kind") == "baseline" else ""): {k: v for k, v in r.items()
+                                                                    if isinstance(v, (int, float))} for r in table})
     log.info("evaluate:\n%s", (paths.benchmark / "benchmark.md").read_text())
     return {"rows": table}
 
@@ -186,9 +252,17 @@ def _meta(params: Params, n_prompts: int, **extra) -> dict:
 
 def _grid(params: Params, rows: list[Row], first: tuple[str, np.ndarray] | None) -> list:
     p = params.evaluate
-    short = {"teacher DDIM + CFG": "teacher"} | {label: st for st, label, _ in student_rows(p)}
-    return ([first] if first else []) + [(f"{short.get(r.method, r.method)} {r.steps} st", r.samples.images[: p.grid_prompts])
-                                         for r in rows]
+    short = {label: st for st, label, _ in student_rows(p)}
+
+    def name(r: Row) -> str:
+        if r.kind == "reference":
+            return f"teacher {r.steps} st"
+        if r.kind == "baseline":
+            return f"{r.extra['sampler']} w={r.guidance:g} {r.steps} st"
+        return f"{short.get(r.method, r.method)} {r.steps} st"
+
+    keep = [r for r in rows if r.kind != "baseline" or "alignment" in r.extra.get("selected_by", "")]
+    return ([first] if first else []) + [(name(r), r.samples.images[: p.grid_prompts]) for r in keep]
 
 
 @torch.no_grad()
@@ -197,10 +271,10 @@ def run_real(params: Params, paths: Paths) -> dict:
     from tasks.suite import image_sets, run_suite, suite_prompts
 
     prompts = suite_prompts(params)
-    rows = sample_rows(params, paths, prompts, None)
+    rows, _ = sample_rows(params, paths, prompts, None, None)
     table = run_suite(params, paths, image_sets(rows, prompts))
     for t, r in zip(table, rows):
-        t |= {"sec_per_image": r.samples.seconds_per_image, "unet_evals": r.samples.unet_evals_per_image,
+        t |= {"kind": r.kind, "sec_per_image": r.samples.seconds_per_image, "unet_evals": r.samples.unet_evals_per_image,
               "real_images_used": 0}
     _add_speedups(table)
     _add_training(paths, params.evaluate, table)
@@ -218,18 +292,21 @@ def run(params: Params, paths: Paths) -> dict:
     specs = read_prompts(paths, "eval")[: p.n_prompts]
     comp = read_prompts(paths, "compositional")
     prompts, comp_prompts = [s.caption() for s in specs], [s.caption() for s in comp]
-    real = W.render_batch(specs, p.seed + 11, wp.image_size)
-    real2 = W.render_batch(specs, p.seed + 12, wp.image_size)
-    rows = sample_rows(params, paths, prompts, comp_prompts)
+    real = R.render_batch(specs, p.seed + 11, wp.image_size)
+    real2 = R.render_batch(specs, p.seed + 12, wp.image_size)
+    rows, sweep = sample_rows(params, paths, specs, comp_prompts, net)
 
-    real_row = {"method": "real renders (reference)", "steps": 0, "real_images_used": 0,
-                "alignment": accuracy(net, W.to_unit_tensor(real), specs)["all"],
+    real_row = {"method": "real renders (two render sets)", "steps": 0, "kind": "real", "real_images_used": 0,
+                "alignment": accuracy(net, R.to_unit_tensor(real), specs)["all"],
                 "frechet": frechet_distance(net, real, real2)}
-    table = [real_row] + [score(net, r, specs, real, comp) for r in rows]
+    table = [score(net, r, specs, real, comp) for r in rows]
+    _seed_spread(net, rows, table, specs)
+    table = [real_row] + table
     _add_speedups(table)
     _add_training(paths, p, table)
     reward_scores(params, paths, table, [real] + [r.samples.images for r in rows], prompts)
-    header = (f"Benchmark ({params.preset}; {len(prompts)} held-out prompts; CFG w={p.guidance_scale}; "
-              f"batch {p.batch_size}; reward = {params.mps.condition} score of the reward model, not the judge)")
+    header = (f"Benchmark ({params.preset}; {len(prompts)} held-out prompts; reference CFG w={p.guidance_scale}; "
+              f"baselines' w chosen on {p.selection_prompts} other held-out prompts; batch {p.batch_size}; "
+              f"reward = {params.mps.condition} score of the reward model, not the judge)")
     return _write(params, paths, table, _meta(params, len(prompts), n_compositional=len(comp_prompts)), header,
-                  _grid(params, rows, ("real render", real[: p.grid_prompts])), prompts)
+                  _grid(params, rows, ("real render", real[: p.grid_prompts])), prompts, sweep)

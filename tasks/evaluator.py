@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from models.evaluator import AttributeNet, applicable, attribute_correct, classification_loss
 from tlcm import distributed as D
+from tlcm import render as R
 from tlcm import world as W
 from tlcm.params import Params
 from tlcm.paths import Paths
@@ -26,8 +27,14 @@ log = logging.getLogger("tlcm")
 
 
 def labels_tensor(specs: list[W.Spec]) -> dict[str, torch.Tensor]:
+    """The prompted labels (what the caption says) per head."""
     rows = [W.label_indices(s) for s in specs]
     return {k: torch.tensor([r[k] for r in rows]) for k in W.LABEL_SPACES}
+
+
+def head_sizes() -> dict[str, int]:
+    """Prompted heads (alignment) and nuisance heads (what the render drew where the caption is silent)."""
+    return {k: len(v) for k, v in W.LABEL_SPACES.items()} | dict(R.NUISANCE_SPACES)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -47,8 +54,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def build(params: Params) -> AttributeNet:
-    return AttributeNet({k: len(v) for k, v in W.LABEL_SPACES.items()}, params.evaluator.width,
-                        image_size=params.world.image_size)
+    return AttributeNet(head_sizes(), params.evaluator.width, image_size=params.world.image_size)
 
 
 def load_evaluator(params: Params, paths: Paths) -> AttributeNet:
@@ -69,6 +75,17 @@ def accuracy(net: AttributeNet, images: torch.Tensor, specs: list[W.Spec], batch
         for g, ok in attribute_correct(lg, lab).items():
             correct.setdefault(g, []).append(ok[app[g]])
     return {g: torch.cat(v).float().mean().item() for g, v in correct.items()}
+
+
+@torch.no_grad()
+def nuisance_accuracy(net: AttributeNet, images: torch.Tensor, labels: dict, batch: int = 256) -> dict[str, float]:
+    """Accuracy of each nuisance head (where it applies) on renders with known nuisance labels."""
+    logits = [net(images[i:i + batch]) for i in range(0, len(images), batch)]
+    out = {}
+    for k in R.NUISANCE_SPACES:
+        pred, y = torch.cat([lg[k].argmax(-1) for lg in logits]), torch.as_tensor(labels[k])
+        out[k] = float((pred == y)[y >= 0].float().mean())
+    return out
 
 
 @torch.no_grad()
@@ -98,9 +115,9 @@ def run(params: Params, paths: Paths) -> dict:
         for g in opt.param_groups:
             g["lr"] = p.lr * cosine_warmup(step, 100, p.steps, floor=0.02)
         # the GLOBAL batch (renders and augmentation) on every process; this process's shard
-        specs, imgs = W.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size, split=None)
-        x = augment(W.to_unit_tensor(imgs), step_generator(p.seed, step))
-        labels = labels_tensor(specs)
+        specs, imgs, nuisance = R.train_scenes(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size, split=None)
+        x = augment(R.to_unit_tensor(imgs), step_generator(p.seed, step))
+        labels = labels_tensor(specs) | {k: torch.from_numpy(v) for k, v in nuisance.items()}
         counts = {k: float((y >= 0).sum()) / D.world_size() for k, y in labels.items()}
         terms = classification_loss(net(D.shard(x).to(D.device())), {k: D.shard(y).to(D.device())
                                                                       for k, y in labels.items()}, counts)
@@ -118,12 +135,15 @@ def run(params: Params, paths: Paths) -> dict:
     metrics: dict = {"steps": res.steps_done, "train_seconds": res.seconds, "world_size": D.world_size()}
     for split in ("eval", "compositional"):  # fresh renders (other seeds than training's) of held-out prompts
         specs = W.sample_specs(p.seed + 7, p.n_test, split, wp.two_object_frac)
-        imgs = W.to_unit_tensor(W.render_batch(specs, p.seed + 7, wp.image_size))
+        imgs, nuisance = R.render_scenes(specs, p.seed + 7, wp.image_size)
+        imgs = R.to_unit_tensor(imgs)
         metrics[f"accuracy_{split}"] = accuracy(net, imgs, specs)
+        metrics[f"nuisance_accuracy_{split}"] = nuisance_accuracy(net, imgs, nuisance)
     if D.is_main():
         with atomic_dir(paths.evaluator) as out:
             save_tensors(out / "model.safetensors", net.state_dict())
-            (out / "config.json").write_text(json.dumps({"width": p.width, "label_spaces": W.LABEL_SPACES}, indent=2))
+            (out / "config.json").write_text(json.dumps({"width": p.width, "label_spaces": W.LABEL_SPACES,
+                                                         "nuisance_spaces": R.NUISANCE_SPACES}, indent=2))
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         atomic_write_json(paths.metrics / "evaluator.json", metrics)
         log.info("evaluator: all-attribute accuracy on held-out renders %.4f (compositional %.4f)",

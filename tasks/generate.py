@@ -50,8 +50,10 @@ def teacher_ddim(pipe, prompts: list[str], steps: int, w: float, seed: int, batc
 
 
 @torch.no_grad()
-def student_samples(pipe, prompts: list[str], steps: int, seed: int, batch_size: int, scheduler) -> Samples:
-    """Few-step samples of ``pipe.unet`` as it is (LoRA loaded or fused) with ``scheduler``, CFG off."""
+def student_samples(pipe, prompts: list[str], steps: int, seed: int, batch_size: int, scheduler,
+                    guidance: float = 1.0) -> Samples:
+    """Few-step samples of ``pipe.unet`` as it is (LoRA loaded or fused, or the bare teacher for the
+    training-free baselines) with ``scheduler``; CFG weight ``guidance`` (1 = off, the students' setting)."""
     model = Denoiser(pipe.unet, pipe.scheduler.alphas_cumprod)
     side = pipe.unet.config.sample_size
     z_T = initial_noise(len(prompts), (pipe.unet.config.in_channels, side, side), seed)
@@ -60,10 +62,10 @@ def student_samples(pipe, prompts: list[str], steps: int, seed: int, batch_size:
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         cond = encode_prompts(pipe, prompts[i:i + batch_size])
-        z0 = sample_with_scheduler(model, cond, scheduler, steps, z_T[i:i + batch_size], 1.0, gen)
+        z0 = sample_with_scheduler(model, cond, scheduler, steps, z_T[i:i + batch_size], guidance, gen)
         out.append(decode(pipe, z0))
     dt = time.perf_counter() - t0
-    return Samples(np.concatenate(out), dt / len(prompts), unet_evals(steps, 1.0))
+    return Samples(np.concatenate(out), dt / len(prompts), unet_evals(steps, guidance))
 
 
 def resolve_lora(ref: str) -> Path:

@@ -27,6 +27,7 @@ import torch
 from models.reward import CONDITIONS, DEGRADATIONS, ShapesReward, bradley_terry_loss, centering_loss, degrade, \
     listwise_loss, pairwise_accuracy, tokenize
 from tlcm import distributed as D
+from tlcm import render as R
 from tlcm import world as W
 from tlcm.params import Params
 from tlcm.paths import Paths
@@ -112,7 +113,7 @@ def make_pairs(seed: int, n: int, split: W.Split, two_object_frac: float, size: 
     rng = np.random.default_rng([seed, 17])
     gen = step_generator(seed, 17)
     specs = W.sample_specs(seed, n, split, two_object_frac)
-    clean = W.to_unit_tensor(W.render_batch(specs, seed, size))
+    clean = R.to_unit_tensor(R.render_batch(specs, seed, size))
     conds = conditions if conditions is not None else [int(c) for c in rng.integers(len(CONDITIONS), size=n)]
     rejected, prompts_l, kinds, to_render = clean.clone(), [s.caption() for s in specs], [""] * n, []
     for i, (spec, c) in enumerate(zip(specs, conds)):
@@ -127,7 +128,7 @@ def make_pairs(seed: int, n: int, split: W.Split, two_object_frac: float, size: 
         else:
             kinds[i], prompts_l[i] = f"{kind}/text", wrong.caption()
     if to_render:
-        imgs = W.to_unit_tensor(W.render_batch([s for _, s in to_render], seed + 1, size))
+        imgs = R.to_unit_tensor(R.render_batch([s for _, s in to_render], seed + 1, size))
         rejected[[i for i, _ in to_render]] = imgs
     for k in DEGRADATIONS:
         idx = [i for i, kd in enumerate(kinds) if kd == k]

@@ -30,6 +30,7 @@ from models.diffusion import q_sample
 from models.evaluator import classification_loss
 from models.sdxl_shaped import build_scheduler, build_text_encoders, build_unet
 from tlcm import distributed as D
+from tlcm import render as R
 from tlcm import world as W
 from tlcm.params import Params
 from tlcm.paths import Paths
@@ -111,7 +112,7 @@ def run(params: Params, paths: Paths) -> dict:
             g["lr"] = p.lr * cosine_warmup(step, p.warmup_steps, p.steps)
         # the GLOBAL batch, drawn identically on every process; each trains on its contiguous shard
         gen = step_generator(p.seed, step)
-        specs, imgs = W.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size)
+        specs, imgs = R.train_batch(p.seed, step, p.batch_size, wp.two_object_frac, wp.image_size)
         B = len(specs)
         keep = torch.rand(B, generator=gen) >= p.cond_drop
         t = torch.randint(0, 1000, (B,), generator=gen)
@@ -122,7 +123,7 @@ def run(params: Params, paths: Paths) -> dict:
         specs, imgs = D.shard(list(specs)), D.shard(imgs)
         keep, t, eps = D.shard(keep).to(dev), D.shard(t).to(dev), D.shard(eps).to(dev)
         with torch.no_grad():
-            z0 = vae.encode(W.to_unit_tensor(imgs).to(dev) * 2 - 1).latent_dist.mean * sf
+            z0 = vae.encode(R.to_unit_tensor(imgs).to(dev) * 2 - 1).latent_dist.mean * sf
         cond = encode_prompts(pipe, [s.caption() for s in specs]).masked(keep)
         pred = model.eps(q_sample(z0, eps, t, model.alphas_cumprod), t, cond)
         per_sample = F.mse_loss(pred, eps, reduction="none").mean(dim=(1, 2, 3))

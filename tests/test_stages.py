@@ -53,15 +53,29 @@ def test_evaluate_writes_table_grid_and_metrics(smoke_artifacts, smoke_params):
     run_stage("reward", params, smoke_artifacts)  # the reward column (the teacher rows need no LoRA)
     run_stage("evaluate", params, smoke_artifacts)
     bench = json.loads((smoke_artifacts.benchmark / "benchmark.json").read_text())
-    rows = bench["rows"]
+    rows, p = bench["rows"], params.evaluate
     assert rows[0]["method"].startswith("real renders")
-    teacher_rows = [r for r in rows if r["method"].startswith("teacher")]
-    assert [r["steps"] for r in teacher_rows] == list(smoke_params.evaluate.teacher_steps)
-    for r in teacher_rows:
+    (ref,) = [r for r in rows if r["kind"] == "reference"]
+    assert ref["steps"] == p.reference_steps and ref["guidance"] == p.guidance_scale and ref["unet_evals"] == 2 * ref["steps"]
+    assert len(ref["alignment_per_seed"]) == p.sample_seeds
+    # the whole sweep ran on the selection prompts; per sampler and step count the best by alignment and by
+    # Fréchet distance were carried to the benchmark prompts
+    sweep = bench["baseline_sweep"]
+    assert len(sweep) == len(p.baseline_samplers) * len(p.baseline_steps) * len(p.baseline_guidance)
+    baselines = [r for r in rows if r["kind"] == "baseline"]
+    for name in p.baseline_samplers:
+        for n in p.baseline_steps:
+            cands = [r for r in sweep if r["sampler"] == name and r["steps"] == n]
+            best_a = max(cands, key=lambda r: (r["alignment"], -r["frechet"]))
+            carried = [r for r in baselines if r["sampler"] == name and r["steps"] == n]
+            assert any(r["guidance"] == best_a["guidance"] and "alignment" in r["selected_by"] for r in carried)
+    for r in [ref] + baselines:
         assert 0.0 <= r["alignment"] <= 1.0 and np.isfinite(r["frechet"]) and r["sec_per_image"] > 0
         assert 0.0 <= r["mirror_swapped"] <= 1.0 - r["alignment"] + 1e-9  # a subset of the failures
-        assert r["unet_evals"] == 2 * r["steps"] and r["real_images_used"] == 0 and isinstance(r["reward"], float)
-    assert "| method |" in (smoke_artifacts.benchmark / "benchmark.md").read_text()
+        assert r["real_images_used"] == 0 and isinstance(r["reward"], float)
+        assert r["unet_evals"] == r["steps"] * (1 if r["guidance"] == 1.0 else 2)
+    md = (smoke_artifacts.benchmark / "benchmark.md").read_text()
+    assert "| method |" in md and "Best training-free sampler vs the reference" in md
     assert (smoke_artifacts.benchmark / "samples.png").stat().st_size > 1000
 
 

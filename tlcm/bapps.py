@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from tlcm import render as R
 from tlcm import world as W
 from tlcm.params import BappsParams, Params, WorldParams
 from tlcm.paths import Paths
@@ -186,7 +187,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
 
 def oracle_distance(ref: np.ndarray, p: np.ndarray, batch: int = 1024) -> np.ndarray:
     """The synthetic judges' perceptual distance, 1 - SSIM, for uint8 (N, H, W, 3) arrays."""
-    out = [1.0 - ssim(W.to_unit_tensor(ref[i:i + batch]), W.to_unit_tensor(p[i:i + batch])).numpy()
+    out = [1.0 - ssim(R.to_unit_tensor(ref[i:i + batch]), R.to_unit_tensor(p[i:i + batch])).numpy()
            for i in range(0, len(ref), batch)]
     return np.concatenate(out) if out else np.zeros(0)
 
@@ -265,7 +266,7 @@ def synthetic_triplets(bp: BappsParams, wp: WorldParams, split: str, n: int) -> 
     """``n`` synthetic 2AFC triplets of ``split`` (pure in the seeds; no I/O)."""
     sidx = SPLITS.index(split)
     specs = W.sample_specs(bp.seed * 7 + sidx, n, "train" if split == "train" else "eval", wp.two_object_frac)
-    ref = W.render_batch(specs, bp.seed * 7 + sidx, wp.image_size)
+    ref = R.render_batch(specs, bp.seed * 7 + sidx, wp.image_size)
     p0, p1 = np.empty_like(ref), np.empty_like(ref)
     for i in range(n):
         rng = np.random.default_rng([bp.seed, sidx, i])

@@ -100,12 +100,19 @@ class TeacherParams(Section):
 
 class EvaluateParams(Section):
     seed: int = 3
-    n_prompts: int = Field(256, gt=0)
+    n_prompts: int = Field(512, gt=0)
     batch_size: int = Field(64, gt=0)
-    guidance_scale: float = Field(5.0, ge=0)
-    teacher_steps: tuple[int, ...] = (25, 2, 4, 8)
+    guidance_scale: float = Field(5.0, ge=0, description="CFG w of the reference row (the teacher at reference_steps)")
+    reference_steps: int = Field(25, gt=0, description="the teacher's DDIM + CFG reference row")
+    baseline_samplers: tuple[Literal["tlcm", "dpmpp_2m", "euler_a", "ddim"], ...] = Field(
+        ("tlcm", "dpmpp_2m", "euler_a", "ddim"), description="training-free samplers of the untrained teacher")
+    baseline_steps: tuple[int, ...] = (2, 3, 4, 8)
+    baseline_guidance: tuple[float, ...] = Field((1.0, 2.0, 3.5, 5.0, 7.5), description="CFG grid of the baseline sweep")
+    selection_prompts: int = Field(128, gt=0, description="held-out prompts (disjoint captions from the benchmark's) "
+                                   "on which each baseline's CFG scale is chosen")
+    sample_seeds: int = Field(2, gt=0, description="noise seeds for the reference and the shipped LoRA's rows (spread)")
     student_stages: tuple[str, ...] = Field((), description="LoRA stages to benchmark, e.g. [lcm_baseline, mlcd, ilcd]")
-    student_steps: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    student_steps: tuple[int, ...] = (2, 3, 4, 8)
     lcm_steps: tuple[int, ...] = (2, 4, 8)
     grid_prompts: int = Field(16, gt=0)
 

@@ -1,8 +1,9 @@
 """The shapes world: a small, fully synthetic text-to-image world (DESIGN §3).
 
-Pure and deterministic: a *spec* (what is in the picture) is sampled from a
-seeded generator, turned into a caption by a small grammar and into an RGB
-image by a renderer. Nothing here reads or writes files.
+Pure and deterministic: a *spec* (what the caption says) is sampled from a
+seeded generator and turned into a caption by a small grammar; :mod:`tlcm.render`
+turns it into an RGB image, drawing what the caption leaves open (rotation, fill,
+texture, exact placement, distractors). Nothing here reads or writes files.
 
 Captions
     one object:  "a large red circle on the left on a gray background"
@@ -26,7 +27,6 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (214, 39, 40),
@@ -173,102 +173,3 @@ def sample_specs(seed: int, n: int, split: Split | None, two_object_frac: float 
         if split is None or s.split() == split:
             out.append(s)
     return out
-
-
-# ---- renderer ----------------------------------------------------------------
-_SS = 4  # supersampling factor for anti-aliased edges
-
-_RADIUS = {"small": (3.6, 4.6), "large": (8.0, 9.5), "medium": (5.2, 6.2)}
-_CENTRE = {  # centre ranges in [0, 1] units of the canvas, per single-object position
-    "left": ((0.18, 0.28), (0.35, 0.65)),
-    "right": ((0.72, 0.82), (0.35, 0.65)),
-    "top": ((0.35, 0.65), (0.18, 0.28)),
-    "bottom": ((0.35, 0.65), (0.72, 0.82)),
-    "center": ((0.44, 0.56), (0.44, 0.56)),
-}
-
-
-def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
-    if shape == "square":
-        h = r * 0.85
-        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
-    if shape == "triangle":
-        return [(cx, cy - r), (cx + r * 0.95, cy + r * 0.8), (cx - r * 0.95, cy + r * 0.8)]
-    if shape == "cross":
-        a, w = r, r * 0.36
-        return [
-            (cx - w, cy - a), (cx + w, cy - a), (cx + w, cy - w), (cx + a, cy - w),
-            (cx + a, cy + w), (cx + w, cy + w), (cx + w, cy + a), (cx - w, cy + a),
-            (cx - w, cy + w), (cx - a, cy + w), (cx - a, cy - w), (cx - w, cy - w),
-        ]
-    return None  # circle
-
-
-def _draw(draw: ImageDraw.ImageDraw, o: Obj, cx: float, cy: float, r: float, rng: np.random.Generator) -> None:
-    base = np.array(COLOURS[o.colour], dtype=float)
-    fill = tuple(int(v) for v in np.clip(base + rng.normal(0, 8, 3), 0, 255))
-    edge = tuple(int(v) for v in np.clip(base * 0.55, 0, 255))
-    s, width = _SS, _SS  # one output pixel of outline
-    poly = _shape_polygon(o.shape, cx * s, cy * s, r * s)
-    if poly is None:
-        box = [(cx - r) * s, (cy - r) * s, (cx + r) * s, (cy + r) * s]
-        draw.ellipse(box, fill=fill, outline=edge, width=width)
-    else:
-        draw.polygon(poly, fill=fill, outline=edge, width=width)
-    # a small specular highlight: fine detail that few-step samplers tend to blur away
-    hx, hy, hr = (cx - 0.35 * r) * s, (cy - 0.35 * r) * s, max(0.5, 0.18 * r) * s
-    light = tuple(int(v) for v in np.clip(base + 70, 0, 255))
-    draw.ellipse([hx - hr, hy - hr, hx + hr, hy + hr], fill=light)
-
-
-def render(spec: Spec, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """Render ``spec`` to an ``(size, size, 3)`` uint8 array. Placement jitter and the
-    background gradient come from ``rng``; the attributes come from ``spec`` only."""
-    S = size * _SS
-    bg = np.array(BACKGROUNDS[spec.bg], dtype=float)
-    ramp = np.linspace(-1.0, 1.0, S)
-    direction = rng.integers(2)
-    strength = rng.uniform(10, 30) * (1 if rng.random() < 0.5 else -1)
-    grad = (ramp[:, None] if direction == 0 else ramp[None, :]) * strength
-    canvas = np.clip(bg[None, None, :] + grad[..., None] * np.ones((S, S, 1)), 0, 255).astype(np.uint8)
-    img = Image.fromarray(canvas, "RGB")
-    draw = ImageDraw.Draw(img)
-    unit = float(size)
-    if len(spec.objects) == 1:
-        o = spec.objects[0]
-        (x0, x1), (y0, y1) = _CENTRE[spec.position]
-        r = rng.uniform(*_RADIUS[o.size])
-        cx, cy = (float(np.clip(rng.uniform(lo, hi) * unit, r + 0.5, unit - r - 0.5)) for lo, hi in ((x0, x1), (y0, y1)))
-        _draw(draw, o, cx, cy, r, rng)
-    else:
-        canon = spec.canonical()
-        first, second = spec.objects
-        a, b = (first, second) if spec.relation in ("left of", "above") else (second, first)
-        along = (rng.uniform(0.2, 0.3), rng.uniform(0.7, 0.8))
-        across = rng.uniform(0.38, 0.62) + rng.uniform(-0.06, 0.06, 2)
-        for o, p, q in ((a, along[0], across[0]), (b, along[1], across[1])):
-            r = rng.uniform(*_RADIUS["medium"])
-            cx, cy = (p, q) if canon["layout"] == "horizontal" else (q, p)
-            _draw(draw, o, cx * unit, cy * unit, r, rng)
-    return np.asarray(img.resize((size, size), Image.Resampling.BOX))
-
-
-def render_batch(specs: list[Spec], seed: int, size: int = 32) -> np.ndarray:
-    """``(N, size, size, 3)`` uint8; image i depends only on (seed, i, specs[i])."""
-    return np.stack([render(s, np.random.default_rng([seed, i]), size) for i, s in enumerate(specs)])
-
-
-def train_batch(seed: int, step: int, n: int, two_object_frac: float = 0.5, size: int = 32,
-                split: Split | None = "train") -> tuple[list[Spec], np.ndarray]:
-    """Training data for ``step``: specs of ``split`` (generators: "train" only) and their renders,
-    a pure function of (seed, step)."""
-    s = (seed * 1_000_003 + step) % (2**32)
-    specs = sample_specs(s, n, split, two_object_frac)
-    return specs, render_batch(specs, s, size)
-
-
-def to_unit_tensor(images: np.ndarray):
-    """uint8 (N, H, W, 3) → float tensor (N, 3, H, W) in [0, 1]."""
-    import torch
-
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
