@@ -29,7 +29,7 @@ from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json, load_tensors, save_tensors
 from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
-from tlcm.world import to_unit_tensor
+from tlcm.render import to_unit_tensor
 
 log = logging.getLogger("tlcm")
 

@@ -13,7 +13,7 @@ from torch import nn
 from models.reward import (CONDITIONS, DEGRADATIONS, MPSNet, RewardScorer, ShapesReward, bradley_terry_loss,
                            clip_preprocess, condition_mask, degrade, listwise_loss, pairwise_accuracy)
 from tasks import reward as R
-from tlcm import render as R
+from tlcm import render as RD
 from tlcm import world as W
 from tlcm.params import load_params
 from tlcm.paths import Paths
@@ -67,7 +67,7 @@ def test_stage_saves_model_config_metrics_and_loads_frozen(trained, params):
     assert isinstance(net, ShapesReward) and isinstance(net, RewardScorer)
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     specs = W.sample_specs(3, 4, "eval")
-    images = R.to_unit_tensor(R.render_batch(specs, 3))
+    images = RD.to_unit_tensor(RD.render_batch(specs, 3))
     s = net.score(images, [sp.caption() for sp in specs], "overall")
     assert s.shape == (4,) and torch.isfinite(s).all()
     # margin_auto is the mean score of clean aligned held-out renders: recomputed from the saved model
@@ -99,7 +99,7 @@ def test_resumed_stage_ends_with_the_same_weights(trained, params, tmp_path):
 def test_shapes_score_is_differentiable_in_the_images(trained, params):
     net = load_reward(params, trained[0])
     specs = W.sample_specs(5, 3, "train")
-    images = R.to_unit_tensor(R.render_batch(specs, 5)).requires_grad_(True)
+    images = RD.to_unit_tensor(RD.render_batch(specs, 5)).requires_grad_(True)
     net.score(images, [s.caption() for s in specs], "alignment").sum().backward()
     assert images.grad is not None and images.grad.abs().sum() > 0
     assert all(p.grad is None for p in net.parameters())
@@ -161,7 +161,7 @@ def test_training_pairs_are_pure_and_never_show_heldout_specs():
 
 @pytest.mark.parametrize("kind", DEGRADATIONS)
 def test_degradations_stay_images_and_change_them(kind):
-    x = R.to_unit_tensor(R.render_batch(W.sample_specs(1, 4, "train"), 1))
+    x = RD.to_unit_tensor(RD.render_batch(W.sample_specs(1, 4, "train"), 1))
     y = degrade(x, kind, torch.Generator().manual_seed(0))
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
     assert (y - x).abs().mean() > 0.005
@@ -224,7 +224,7 @@ def released(tmp_path, tokenizer_dir, monkeypatch):
 
 def images_and_prompts(n: int = 3, size: int = 20):
     specs = W.sample_specs(9, n, "eval")
-    return R.to_unit_tensor(R.render_batch(specs, 9, size)), [s.caption() for s in specs]
+    return RD.to_unit_tensor(RD.render_batch(specs, 9, size)), [s.caption() for s in specs]
 
 
 def test_pickled_mps_is_refused_without_trust(released, tmp_path, params):
