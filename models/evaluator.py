@@ -40,9 +40,9 @@ class AttributeNet(nn.Module):
         self.head_sizes = dict(head_sizes)
         w = width
         self.trunk = nn.Sequential(
-            _block(3, w), nn.AvgPool2d(2),
-            _block(w, 2 * w), nn.AvgPool2d(2),
-            _block(2 * w, 4 * w), nn.AvgPool2d(2),
+            _block(3, w), nn.MaxPool2d(2),
+            _block(w, 2 * w), nn.MaxPool2d(2),
+            _block(2 * w, 4 * w), nn.MaxPool2d(2),
         )
         side = image_size // 8
         self.proj = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * side * side, feature_dim), nn.SiLU())

@@ -38,9 +38,9 @@ def head_sizes() -> dict[str, int]:
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random Gaussian blur (σ ≤ 1 px), pixel noise and a small colour shift."""
+    """Random Gaussian blur (σ ≤ 0.7 px), pixel noise and a small colour shift."""
     n = x.shape[0]
-    sigma = torch.rand(n, generator=gen) * 1.0
+    sigma = torch.rand(n, generator=gen) * 0.7
     k = torch.arange(-2, 3, dtype=torch.float32)
     kern = torch.exp(-(k[None] ** 2) / (2 * sigma[:, None].clamp_min(1e-3) ** 2))
     kern = kern / kern.sum(1, keepdim=True)  # (n, 5)

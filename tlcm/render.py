@@ -40,11 +40,11 @@ NUISANCE_SPACES: dict[str, int] = {  # unspoken labels the evaluator also learns
     "a_rot": ROT_BINS, "b_rot": ROT_BINS, "a_fill": len(FILLS), "b_fill": len(FILLS),
     "bg_texture": len(TEXTURES), "distractors": MAX_DISTRACTORS + 1,
 }
-_RADIUS = {"small": (3.4, 4.4), "large": (7.5, 9.5), "medium": (5.0, 6.4)}
-_REGION = {  # single-object centre ranges (x, y) in canvas units per spoken position
-    "left": ((0.14, 0.36), (0.18, 0.82)), "right": ((0.64, 0.86), (0.18, 0.82)),
-    "top": ((0.18, 0.82), (0.14, 0.36)), "bottom": ((0.18, 0.82), (0.64, 0.86)),
-    "center": ((0.40, 0.60), (0.40, 0.60)),
+_RADIUS = {"small": (4.0, 5.0), "large": (7.5, 9.5), "medium": (5.2, 6.4)}
+_REGION = {  # single-object centre ranges (x, y) in canvas units per spoken position; disjoint after the
+    "left": ((0.12, 0.32), (0.38, 0.62)), "right": ((0.68, 0.88), (0.38, 0.62)),  # radius clip, so the
+    "top": ((0.38, 0.62), (0.12, 0.32)), "bottom": ((0.38, 0.62), (0.68, 0.88)),  # position is never
+    "center": ((0.43, 0.57), (0.43, 0.57)),                                         # ambiguous
 }
 _SHAPE_ID = {"circle": 0, "square": 1, "triangle": 2, "cross": 3}
 
@@ -56,7 +56,7 @@ def _object_params(rng: np.random.Generator, shape: str, colour: str, cx: float,
     base = np.array(COLOURS[colour], float) + rng.normal(0, 8, 3)
     return {"shape": _SHAPE_ID[shape], "cx": cx, "cy": cy, "r": r, "angle": math.radians(angle), "fill": fill,
             "fill_angle": rng.uniform(0, 2 * math.pi), "fill_phase": rng.uniform(0, 2 * math.pi),
-            "fill_period": rng.uniform(3.2, 4.2), "rgb": np.clip(base, 0, 255),
+            "fill_period": rng.uniform(4.5, 5.5), "rgb": np.clip(base, 0, 255),
             "rot_bin": int(angle / period * ROT_BINS) if period else -1}
 
 
@@ -73,8 +73,9 @@ def scene_params(spec: Spec, rng: np.random.Generator, size: int) -> dict:
     else:
         first, second = spec.objects
         a, b = (first, second) if spec.relation in ("left of", "above") else (second, first)
-        along = (rng.uniform(0.16, 0.36), rng.uniform(0.64, 0.84))
-        across = rng.uniform(0.22, 0.78, 2)
+        along = (rng.uniform(0.16, 0.36), rng.uniform(0.64, 0.84))  # along the relation: ≥ 0.28 apart
+        mid = rng.uniform(0.32, 0.68)
+        across = mid + rng.uniform(-0.1, 0.1, 2)  # across it: < 0.2 apart, so the relation is never ambiguous
         horizontal = spec.relation in ("left of", "right of")
         for o, p, q in ((a, along[0], across[0]), (b, along[1], across[1])):
             r = rng.uniform(*_RADIUS["medium"])
@@ -163,7 +164,7 @@ def _paint(p: dict[str, torch.Tensor], X: torch.Tensor, Y: torch.Tensor) -> torc
         rgb = o["rgb"].view(-1, 3, 1, 1)
         hr = (0.16 * o["r"]).clamp(min=0.5)
         highlight = ((du + e(0.35 * o["r"])) ** 2 + (dv + e(0.35 * o["r"])) ** 2 <= e(hr) ** 2).unsqueeze(1)
-        colour = torch.where(highlight, rgb + 70, rgb + 45 * light.unsqueeze(1))
+        colour = torch.where(highlight, rgb + 70, rgb + 35 * light.unsqueeze(1))
         colour = torch.where((d > -1.0).unsqueeze(1), rgb * 0.55, colour)
         canvas = torch.where(((d <= 0) & e(o["present"])).unsqueeze(1), colour, canvas)
     return canvas
