@@ -4,16 +4,16 @@ A caption fixes the objects' colour, shape and size, where they are (roughly) an
 colour. It leaves open much of the picture, as a real prompt does (DESIGN §6, "the strongest
 baseline is a sampler"): every render draws, from its own generator,
 
-* each object's **rotation** (uniform over the shape's symmetry period), exact **placement** (wide
-  ranges inside the spoken region), radius jitter and a **fill** (plain, a two-tone split along a
-  random direction, or stripes of random angle and phase);
+* each object's **orientation** (one of two, a half symmetry period apart: square or diamond, "+" or
+  "×", triangle pointing up or down; ±5° jitter), exact **placement** (wide ranges inside the spoken
+  region) and radius jitter;
 * a **background texture** over the spoken colour (a gradient, wide stripes, a soft spot or a
   checker, each at a random angle/phase/place);
 * 0-3 unmentioned grey **distractor** specks at random places.
 
-So the mean image of a caption (what a denoiser's x̂_0 is at high noise) is a blur: the rotations
-average to a disk, the fills and textures to flat colour, the specks to nothing, the placements
-to a smear. Samplers that stop early show that blur; the evaluator's nuisance heads
+So the mean image of a caption (what a denoiser's x̂_0 is at high noise) is a blur: the two
+orientations average to a rounded blob, the textures to flat colour, the specks to nothing, the
+placements to a smear. Samplers that stop early show that blur; the evaluator's nuisance heads
 (:data:`NUISANCE_SPACES`) make its Fréchet features see it.
 
 Vectorised: per-image parameters come from ``np.random.default_rng([seed, i])`` (image i depends
@@ -31,14 +31,11 @@ import torch.nn.functional as F
 from tlcm.world import BACKGROUNDS, COLOURS, Spec, Split, sample_specs
 
 SS = 3  # supersampling factor
-FILLS = ("plain", "split", "stripes")
 TEXTURES = ("gradient", "stripes", "spot", "checks")
 MAX_DISTRACTORS = 3
-ROT_BINS = 4  # rotation label: quarter of the shape's symmetry period (circles: none)
-SYMMETRY = {"square": 90.0, "cross": 90.0, "triangle": 120.0, "circle": 0.0}
+SYMMETRY = {"square": 90.0, "cross": 90.0, "triangle": 120.0, "circle": 0.0}  # degrees; circles have no orientation
 NUISANCE_SPACES: dict[str, int] = {  # unspoken labels the evaluator also learns (features, never alignment)
-    "a_rot": ROT_BINS, "b_rot": ROT_BINS, "a_fill": len(FILLS), "b_fill": len(FILLS),
-    "bg_texture": len(TEXTURES), "distractors": MAX_DISTRACTORS + 1,
+    "a_rot": 2, "b_rot": 2, "bg_texture": len(TEXTURES), "distractors": MAX_DISTRACTORS + 1,
 }
 _RADIUS = {"small": (4.0, 5.0), "large": (7.5, 9.5), "medium": (5.2, 6.4)}
 _REGION = {  # single-object centre ranges (x, y) in canvas units per spoken position; disjoint after the
@@ -51,13 +48,11 @@ _SHAPE_ID = {"circle": 0, "square": 1, "triangle": 2, "cross": 3}
 
 def _object_params(rng: np.random.Generator, shape: str, colour: str, cx: float, cy: float, r: float) -> dict:
     period = SYMMETRY[shape]
-    angle = rng.uniform(0, period) if period else 0.0
-    fill = int(rng.integers(len(FILLS)))
+    turned = int(rng.integers(2)) if period else -1  # the orientation mode (-1: a circle has none)
+    angle = (turned * period / 2 + rng.uniform(-5, 5)) if period else 0.0
     base = np.array(COLOURS[colour], float) + rng.normal(0, 8, 3)
-    return {"shape": _SHAPE_ID[shape], "cx": cx, "cy": cy, "r": r, "angle": math.radians(angle), "fill": fill,
-            "fill_angle": rng.uniform(0, 2 * math.pi), "fill_phase": rng.uniform(0, 2 * math.pi),
-            "fill_period": rng.uniform(4.5, 5.5), "rgb": np.clip(base, 0, 255),
-            "rot_bin": int(angle / period * ROT_BINS) if period else -1}
+    return {"shape": _SHAPE_ID[shape], "cx": cx, "cy": cy, "r": r, "angle": math.radians(angle),
+            "rgb": np.clip(base, 0, 255), "rot_bin": turned}
 
 
 def scene_params(spec: Spec, rng: np.random.Generator, size: int) -> dict:
@@ -131,8 +126,7 @@ def _stack(scenes: list[dict]) -> dict[str, torch.Tensor]:
         "tex_centre": f([sc["tex_centre"] for sc in scenes]), "tex_sigma": f([sc["tex_sigma"] for sc in scenes]),
         "specks": f(specks), "speck_level": f([sc["speck_level"] for sc in scenes]),
         "present": obj("r", 0.0) > 0, "shape": obj("shape", 0), "cx": obj("cx", -100.0), "cy": obj("cy", -100.0),
-        "r": obj("r", 0.0), "angle": obj("angle", 0.0), "fill": obj("fill", 0), "fill_angle": obj("fill_angle", 0.0),
-        "fill_phase": obj("fill_phase", 0.0), "fill_period": obj("fill_period", 1.0), "rgb": obj("rgb", [0.0] * 3),
+        "r": obj("r", 0.0), "angle": obj("angle", 0.0), "rgb": obj("rgb", [0.0] * 3),
     }
 
 
@@ -157,14 +151,10 @@ def _paint(p: dict[str, torch.Tensor], X: torch.Tensor, Y: torch.Tensor) -> torc
         du, dv = X - e(o["cx"]), Y - e(o["cy"])
         ou, ov = _rot(du, dv, e(o["angle"]))
         d = _signed_distance(e(o["shape"]), ou, ov, e(o["r"]))
-        fu, _ = _rot(du, dv, e(o["fill_angle"]))
-        stripes = (torch.sin(2 * math.pi * fu / e(o["fill_period"]) + e(o["fill_phase"])) > 0).float()
-        fill_id = e(o["fill"])
-        light = torch.where(fill_id == 1, (fu > 0).float(), torch.where(fill_id == 2, stripes, torch.zeros_like(fu)))
         rgb = o["rgb"].view(-1, 3, 1, 1)
         hr = (0.16 * o["r"]).clamp(min=0.5)
         highlight = ((du + e(0.35 * o["r"])) ** 2 + (dv + e(0.35 * o["r"])) ** 2 <= e(hr) ** 2).unsqueeze(1)
-        colour = torch.where(highlight, rgb + 70, rgb + 35 * light.unsqueeze(1))
+        colour = torch.where(highlight, rgb + 70, rgb.expand(-1, -1, *X.shape))
         colour = torch.where((d > -1.0).unsqueeze(1), rgb * 0.55, colour)
         canvas = torch.where(((d <= 0) & e(o["present"])).unsqueeze(1), colour, canvas)
     return canvas
@@ -183,7 +173,7 @@ def render_scenes(specs: list[Spec], seed: int, size: int = 32) -> tuple[np.ndar
     labels = {k: np.full(len(specs), -1, dtype=np.int64) for k in NUISANCE_SPACES}
     for i, sc in enumerate(scenes):
         for slot, o in zip("ab", sc["objects"]):
-            labels[f"{slot}_rot"][i], labels[f"{slot}_fill"][i] = o["rot_bin"], o["fill"]
+            labels[f"{slot}_rot"][i] = o["rot_bin"]
         labels["bg_texture"][i], labels["distractors"][i] = sc["texture"], len(sc["specks"])
     return np.ascontiguousarray(img), labels
 
