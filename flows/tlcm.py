@@ -2,7 +2,8 @@
 
 Orchestration only. Every task calls ``tasks.registry.run_stage``, the same entry point as
 DVC's ``tlcm stage <name>``. Tasks retry transient failures (not bad params, missing or
-corrupt artifacts, non-finite losses or unusable tracking config) and are cached across flow
+corrupt artifacts, a full or unwritable disk, non-finite losses, unusable tracking config or
+a stage already running on the same artifacts folder) and are cached across flow
 runs on their DVC-declared inputs (``flows/caching.py``); ``register`` is never cached: each
 completed flow run registers a model version.
 
@@ -23,13 +24,14 @@ from prefect.runtime import flow_run
 from flows import caching
 from tasks.registry import STAGES, run_stage_on_worker
 from tlcm import tracking
+from tlcm.locks import StageBusy
 from tlcm.params import ParamsError, load_params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError
 from tlcm.training import NonFiniteLoss
 
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ParamsError, ArtifactError, NonFiniteLoss, tracking.TrackingError,
-                                                     KeyError)
+                                                     StageBusy, KeyError)
 UNCACHED_STAGES = frozenset({"register"})
 RETRIES, RETRY_DELAYS = 2, [10, 60]
 

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from models.sdxl_shaped import build_vae
 from tlcm import distributed as D
 from tlcm import render as R
+from tlcm.checkpoints import Checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.storage import Checkpointer, atomic_dir, atomic_write_json
+from tlcm.storage import atomic_dir, atomic_write_json
 from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
 
 log = logging.getLogger("tlcm")

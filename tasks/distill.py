@@ -17,10 +17,11 @@ from models.denoiser import Denoiser, encode_prompts
 from models.lora import FrozenTeacher, add_lora, lora_parameters
 from models.tlcm import ilcd_terms, milestones, mlcd_pair, mlcd_terms
 from tlcm import distributed as D
+from tlcm.checkpoints import Checkpointer
 from tlcm.lora_io import AdapterState, load_lora_into, save_lora
 from tlcm.params import ConsistencyParams, Params
 from tlcm.paths import Paths
-from tlcm.storage import Checkpointer, atomic_write_json
+from tlcm.storage import atomic_write_json
 from tlcm.teacher_io import autocast, float32_, load_frozen_teacher
 from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
 

@@ -29,10 +29,10 @@ from models.tlcm import f_theta_x0, ilcd_target
 from tasks.finetune import (Student, autocast_steps, draw_randint, draw_randn, eq9_batch, passthrough, save_student,
                             setup_student, step_backward)
 from tlcm import distributed as D
+from tlcm.checkpoints import Checkpointer
 from tlcm.params import DmganParams, Params
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
-from tlcm.storage import Checkpointer
 from tlcm.teacher_io import float32_
 from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
 

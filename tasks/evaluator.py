@@ -18,9 +18,10 @@ from models.evaluator import AttributeNet, applicable, attribute_correct, classi
 from tlcm import distributed as D
 from tlcm import render as R
 from tlcm import world as W
+from tlcm.checkpoints import Checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json, load_tensors, save_tensors
+from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, save_tensors
 from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
 
 log = logging.getLogger("tlcm")

@@ -25,9 +25,10 @@ from diffusers import AutoencoderKL
 from models.latent_lpips import LatentLPIPS, RankingHead, ranking_loss, two_afc_score
 from tlcm import bapps as B
 from tlcm import distributed as D
+from tlcm.checkpoints import Checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json, load_tensors, save_tensors
+from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, save_tensors
 from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
 from tlcm.render import to_unit_tensor
 

@@ -20,10 +20,10 @@ from models.preference import irrelevant_prompts, mps_terms
 from models.tlcm import f_theta_x0, ilcd_target
 from tasks.finetune import autocast_steps, eq9_batch, passthrough, save_student, setup_student, step_backward
 from tlcm import distributed as D
+from tlcm.checkpoints import Checkpointer
 from tlcm.params import Params
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
-from tlcm.storage import Checkpointer
 from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
 
 log = logging.getLogger("tlcm")

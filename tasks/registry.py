@@ -8,6 +8,8 @@ import time
 import torch
 
 from tlcm import tracking
+from tlcm.checkpoints import prune_after_success
+from tlcm.locks import stage_lock, stage_lock_here
 from tlcm.params import Params
 from tlcm.paths import Paths
 
@@ -18,16 +20,19 @@ STAGES: tuple[str, ...] = ("world", "autoencoder", "evaluator", "teacher", "bapp
 
 
 def run_stage(name: str, params: Params, paths: Paths) -> dict:
-    """Run one stage (``tasks/<name>.py: run``) with a start and a wall-time log line, inside its
-    records context (loss history; an MLflow run nested in the pipeline run when tracking is on)."""
+    """Run one stage (``tasks/<name>.py: run``) with a start and a wall-time log line, holding the
+    stage's lock on the artifacts folder, inside its records context (loss history; an MLflow run
+    nested in the pipeline run when tracking is on). Once it has published its output, the
+    checkpoints it made under earlier inputs are removed."""
     if name not in STAGES:
         raise KeyError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
     module = importlib.import_module(f"tasks.{name}")
-    log.info("stage %s: start (preset %s, artifacts %s)", name, params.preset, paths.root)
-    t0 = time.monotonic()
-    with torch.inference_mode(False), tracking.stage_run(name, params, paths) as record:
-        result = record.result = module.run(params, paths)
-    log.info("stage %s: done in %.1fs", name, time.monotonic() - t0)
+    with stage_lock_here(paths.root, name):
+        log.info("stage %s: start (preset %s, artifacts %s)", name, params.preset, paths.root)
+        t0 = time.monotonic()
+        with prune_after_success(), torch.inference_mode(False), tracking.stage_run(name, params, paths) as record:
+            result = record.result = module.run(params, paths)
+        log.info("stage %s: done in %.1fs", name, time.monotonic() - t0)
     return result
 
 
@@ -43,5 +48,6 @@ def run_stage_on_worker(name: str, params: Params, paths: Paths, params_file: st
     if n <= 1 or name not in MULTI_PROCESS_STAGES:
         return run_stage(name, params, paths)
     log.info("stage %s: launching on %d processes", name, n)
-    launch_stage(name, n, params_file, preset, str(paths.root))
+    with stage_lock(paths.root, name):
+        launch_stage(name, n, params_file, preset, str(paths.root))
     return json.loads((paths.metrics / f"{name}.json").read_text())

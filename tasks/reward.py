@@ -29,10 +29,11 @@ from models.reward import CONDITIONS, DEGRADATIONS, ShapesReward, bradley_terry_
 from tlcm import distributed as D
 from tlcm import render as R
 from tlcm import world as W
+from tlcm.checkpoints import Checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.reward_io import TRAIN_HINT, check_mps_source, load_reward, load_tokenizer, save_shapes_reward  # noqa: F401
-from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json
+from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json
 from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
 
 log = logging.getLogger("tlcm")

@@ -32,9 +32,10 @@ from models.sdxl_shaped import build_scheduler, build_text_encoders, build_unet
 from tlcm import distributed as D
 from tlcm import render as R
 from tlcm import world as W
+from tlcm.checkpoints import Checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json
+from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json
 from tlcm.teacher_io import load_teacher
 from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
 

@@ -42,7 +42,7 @@ def test_plain_stage_calls_do_not_touch_mlflow(tmp_path, monkeypatch):
 
 
 def test_pipeline_run_nests_stage_runs_with_params_losses_and_metrics(mlflow_store, tmp_path, smoke_params):
-    from tlcm.storage import Checkpointer
+    from tlcm.checkpoints import Checkpointer
     from tlcm.training import run_loop
 
     paths = Paths(tmp_path / "art")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -9,9 +10,10 @@ import sys
 from pathlib import Path
 
 from tasks.register import PromotionRefused
+from tlcm.locks import StageBusy
 from tlcm.params import ParamsError, load_params
 from tlcm.paths import Paths
-from tlcm.storage import ArtifactError
+from tlcm.storage import ArtifactError, disk_error_message
 from tlcm.tracking import TrackingError
 from tlcm.training import NonFiniteLoss
 
@@ -95,9 +97,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(params.model_dump(mode="json"), indent=2))
         elif args.cmd == "stage":
             from tasks.registry import run_stage
-            from tlcm.distributed import launch_or_join
+            from tlcm.distributed import launch_or_join, launched
+            from tlcm.locks import stage_lock
 
-            code = launch_or_join(args.num_processes, sys.argv[1:] if argv is None else argv, params, args.name)
+            launcher = args.num_processes > 1 and not launched()  # it holds the lock for the processes it starts
+            with stage_lock(paths.root, args.name) if launcher else contextlib.nullcontext():
+                code = launch_or_join(args.num_processes, sys.argv[1:] if argv is None else argv, params, args.name)
             if code is not None:
                 return code
             run_stage(args.name, params, paths)
@@ -139,8 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                            args.lora)
             print(out)
         return 0
-    except (ParamsError, ArtifactError, NonFiniteLoss, TrackingError, PromotionRefused) as e:
+    except (ParamsError, ArtifactError, NonFiniteLoss, TrackingError, PromotionRefused, StageBusy) as e:
         log.error("%s", e)
+        return 2
+    except OSError as e:  # a full disk or an unwritable folder outside the atomic writers: one line, no traceback
+        msg = disk_error_message(e)
+        if msg is None:
+            raise
+        log.error("%s", msg)
         return 2
 
 

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tlcm import distributed, tracking
-from tlcm.storage import Checkpointer
+from tlcm.checkpoints import Checkpointer
 
 log = logging.getLogger("tlcm")
 
@@ -99,7 +99,7 @@ def run_loop(
     leaves the last good checkpoint untouched.
     """
     start = 0
-    found = checkpointer.load_latest()
+    found = checkpointer.load(max_step=total_steps)
     if found is not None:
         start, saved = found
         for k, obj in state.items():
@@ -151,7 +151,7 @@ def run_loop(
         step = total_steps - 1
     bar.close()
     done = step + 1 if total_steps > start else start
-    if not stopped_early:
+    if not stopped_early and done > start:  # a resumed run that trained nothing has its checkpoint already
         save(done)
     return LoopResult(done, start, time.monotonic() - t0, history, stopped_early)
 
