@@ -326,11 +326,13 @@ def test_two_registrations_at_once_get_distinct_versions(stack, project, tmp_pat
     from tlcm.paths import Paths
 
     env = project_env(stack, project)
-    fake_outputs(Paths(tmp_path))  # registration does not care how the folder was made
+    folders = [tmp_path / "a", tmp_path / "b"]  # one run of a stage per artifacts folder: two folders
+    for f in folders:
+        fake_outputs(Paths(f))  # registration does not care how the folder was made
     before = set(versions(stack))
-    cmd = ["nice", "-n", "19", sys.executable, "-m", "tlcm.cli", "stage", "register", "--artifacts", str(tmp_path)]
-    procs = [subprocess.Popen(cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    cmd = ["nice", "-n", "19", sys.executable, "-m", "tlcm.cli", "stage", "register", "--artifacts"]
+    procs = [subprocess.Popen([*cmd, str(f)], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for f in folders]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     got = [int(re.search(rf"{MODEL} version (\d+)", err).group(1)) for _, err in outs]
