@@ -64,7 +64,7 @@ def declared_reads(stage, root: str | Path) -> Iterator[None]:
         yield
     finally:
         _active.reset(token)
-    allowed = (*stage.inputs, *stage.outputs, f"checkpoints/{stage.name}", ".locks", ".stamps")
+    allowed = (*stage.inputs, *stage.outputs, *stage.caches, f"checkpoints/{stage.name}", ".locks", ".stamps")
     bad = sorted({p for p in map(_normal, seen) if not any(p == a or p.startswith(a + "/") for a in allowed)} - {"."})
     if bad:
         raise UndeclaredInput(f"stage '{stage.name}' read {', '.join(bad)} under the artifacts folder, which "

@@ -7,7 +7,8 @@ Each stage declares, once, what it reads and writes:
 - ``inputs``: the artifacts it reads (paths under the artifacts root, e.g. ``teacher``,
   ``lora_mlcd``, ``metrics/mlcd.json``);
 - ``outs`` (folders it publishes), a metrics file ``metrics/<name>.json`` and a loss-curve plot
-  ``metrics/<name>_history.json``.
+  ``metrics/<name>_history.json``; ``caches``: folders it keeps for itself between runs (the
+  suite's FID reference statistics), neither inputs nor outputs.
 
 Its code is not declared: it is the project-internal import closure of ``tasks/<name>.py``,
 computed from the source (:func:`tlcm.identity.code_closure`). From this table come
@@ -35,6 +36,7 @@ class Stage:
     plots: bool = False  # writes metrics/<name>_history.json (the loss curve, a DVC plot with x = step)
     multi_process: bool = False  # follows the multi-process contract of tlcm.distributed (accelerate launch)
     cached: bool = True  # False: the Prefect flow runs it every time (each flow run registers a version)
+    caches: tuple[str, ...] = ()  # its own reusable caches under the artifacts root (neither inputs nor outputs)
     desc: str = ""
 
     @property
@@ -90,7 +92,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", ("evaluate", "world", "evaluator", "teacher.source", "mps.condition", "reward", "suite"),
           ("world", "evaluator", "teacher", "reward", *(f"lora_{s}" for s in LORA_STAGES),
            *(f"metrics/{s}.json" for s in LORA_STAGES)), ("benchmark",),
-          desc="benchmark on held-out prompts (alignment, Frechet, reward, speed)"),
+          caches=("suite",), desc="benchmark on held-out prompts (alignment, Frechet, reward, speed)"),
     Stage("register", (ALL_PARAMS,), ("lora_dmgan", "benchmark"), (), cached=False,
           desc="the final artifact becomes an MLflow model version with alias `candidate`"),
 )
