@@ -1,10 +1,12 @@
-"""Prefect flow ``tlcm``: one task per stage, in the order of ``tasks.registry.STAGES``.
+"""Prefect flow ``tlcm``: one task per stage, in the order of ``tlcm.stages.STAGES``.
 
 Orchestration only. Every task calls ``tasks.registry.run_stage``, the same entry point as
 DVC's ``tlcm stage <name>``. Tasks retry transient failures (not bad params, missing or
-corrupt artifacts, non-finite losses or unusable tracking config) and are cached across flow
-runs on their DVC-declared inputs (``flows/caching.py``); ``register`` is never cached: each
-completed flow run registers a model version.
+corrupt artifacts, a full or unwritable disk, non-finite losses, unusable tracking config or
+a stage already running on the same artifacts folder) and are cached across flow
+runs on their identity (declared params, input artifacts and code: ``flows/caching.py``), the
+same inputs ``dvc.yaml`` lists; ``register`` is never cached: each completed flow run registers
+a model version.
 
 Deploy with ``prefect deploy --name full`` (see ``prefect.yaml``), or run in-process with
 ``python -m flows.tlcm --preset smoke`` (needs a Prefect API or starts a temporary one;
@@ -21,16 +23,17 @@ from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
 
 from flows import caching
-from tasks.registry import STAGES, run_stage_on_worker
+from tasks.registry import run_stage_on_worker
+from tlcm import stages as S
 from tlcm import tracking
+from tlcm.locks import StageBusy
 from tlcm.params import ParamsError, load_params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError
 from tlcm.training import NonFiniteLoss
 
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ParamsError, ArtifactError, NonFiniteLoss, tracking.TrackingError,
-                                                     KeyError)
-UNCACHED_STAGES = frozenset({"register"})
+                                                     StageBusy, KeyError)
 RETRIES, RETRY_DELAYS = 2, [10, 60]
 
 logging.getLogger("tlcm").setLevel(logging.INFO)
@@ -53,18 +56,18 @@ def run_stage_task(stage: str, preset: str | None = None, artifacts: str = "arti
     params, paths = load_params(params_file, preset), Paths(Path(artifacts))
     result = run_stage_on_worker(stage, params, paths, params_file, preset)
     ctx = TaskRunContext.get()
-    caching.record(stage, params, paths, str(ctx.task_run.id) if ctx and ctx.task_run else None)
+    caching.record(stage, paths, str(ctx.task_run.id) if ctx and ctx.task_run else None)
     return result
 
 
-def _stage_task(stage: str):
-    cache = dict(cache_policy=NO_CACHE, persist_result=False) if stage in UNCACHED_STAGES else \
-        dict(cache_key_fn=caching.stage_cache_key, persist_result=True)
-    return task(run_stage_task, name=stage, task_run_name=stage, retries=RETRIES, retry_delay_seconds=RETRY_DELAYS,
-                retry_condition_fn=is_transient, **cache)
+def _stage_task(stage: S.Stage):
+    cache = dict(cache_key_fn=caching.stage_cache_key, persist_result=True) if stage.cached else \
+        dict(cache_policy=NO_CACHE, persist_result=False)
+    return task(run_stage_task, name=stage.name, task_run_name=stage.name, retries=RETRIES,
+                retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=is_transient, **cache)
 
 
-STAGE_TASKS = {stage: _stage_task(stage) for stage in STAGES}
+STAGE_TASKS = {stage.name: _stage_task(stage) for stage in S.STAGES}
 
 
 @flow(name="tlcm", log_prints=True)
@@ -73,12 +76,12 @@ def tlcm(preset: str | None = None, artifacts: str = "artifacts", params_file: s
     """The whole pipeline: ``preset`` (None = the params file's own), ``artifacts`` folder,
     ``params_file``; ``until`` stops after that stage. One MLflow parent run per flow run."""
     params = load_params(params_file, preset)  # bad params fail the flow before any task starts
-    if until is not None and until not in STAGES:
-        raise ParamsError(f"until: unknown stage '{until}' (stages: {', '.join(STAGES)})")
+    if until is not None and until not in S.NAMES:
+        raise ParamsError(f"until: unknown stage '{until}' (stages: {', '.join(S.NAMES)})")
     results: dict[str, dict] = {}
     with tracking.pipeline_run(params, Paths(Path(artifacts)), run_name=flow_run.get_name(),
                                tags={"prefect.flow_run_id": flow_run.get_id(), "tlcm.entry": "prefect"}):
-        for stage in STAGES:
+        for stage in S.NAMES:
             results[stage] = STAGE_TASKS[stage](stage, preset, artifacts, params_file)
             if stage == until:
                 break

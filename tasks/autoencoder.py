@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from models.sdxl_shaped import build_vae
 from tlcm import distributed as D
 from tlcm import render as R
+from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.storage import Checkpointer, atomic_dir, atomic_write_json
-from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
+from tlcm.storage import atomic_dir, atomic_write_json
+from tlcm.training import cosine_warmup, ensure_finite, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -47,7 +48,7 @@ def run(params: Params, paths: Paths) -> dict:
         opt.step()
         return {k: v.item() for k, v in terms.items()}
 
-    ckpt = Checkpointer(paths.checkpoints("autoencoder"), fingerprint(p, wp))
+    ckpt = checkpointer("autoencoder", params, paths)
     res = run_loop("autoencoder", p.steps, step_fn, {"vae": vae, "opt": opt}, ckpt, p.checkpoint_every,
                    max_minutes=p.max_minutes)
 

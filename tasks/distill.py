@@ -17,12 +17,13 @@ from models.denoiser import Denoiser, encode_prompts
 from models.lora import FrozenTeacher, add_lora, lora_parameters
 from models.tlcm import ilcd_terms, milestones, mlcd_pair, mlcd_terms
 from tlcm import distributed as D
+from tlcm.identity import checkpointer
 from tlcm.lora_io import AdapterState, load_lora_into, save_lora
 from tlcm.params import ConsistencyParams, Params
 from tlcm.paths import Paths
-from tlcm.storage import Checkpointer, atomic_write_json
+from tlcm.storage import atomic_write_json
 from tlcm.teacher_io import autocast, float32_, load_frozen_teacher
-from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
+from tlcm.training import ensure_finite, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -160,7 +161,7 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
         opt.step()
         return {k: v.item() for k, v in terms.items()}
 
-    ckpt = Checkpointer(paths.checkpoints(stage), fingerprint(p, params.teacher, stage, init_from))
+    ckpt = checkpointer(stage, params, paths)
     lora_state = AdapterState(unet)
     res = run_loop(stage, p.steps, step_fn, {"lora": lora_state, "opt": opt}, ckpt, p.checkpoint_every,
                    max_minutes=p.max_minutes)

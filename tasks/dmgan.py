@@ -29,12 +29,12 @@ from models.tlcm import f_theta_x0, ilcd_target
 from tasks.finetune import (Student, autocast_steps, draw_randint, draw_randn, eq9_batch, passthrough, save_student,
                             setup_student, step_backward)
 from tlcm import distributed as D
+from tlcm.identity import checkpointer
 from tlcm.params import DmganParams, Params
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
-from tlcm.storage import Checkpointer
 from tlcm.teacher_io import float32_
-from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
+from tlcm.training import ensure_finite, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 INIT_FROM = "mps"
@@ -196,7 +196,7 @@ def run(params: Params, paths: Paths) -> dict:
              "opt": opt, "opt_fake": critics.opt_fake, "opt_d": critics.opt_d}
     if p.disc_tune == "lora":
         state["critic"] = AdapterState(s.unet, CRITIC)
-    ckpt = Checkpointer(paths.checkpoints("dmgan"), fingerprint(p, params.teacher, INIT_FROM))
+    ckpt = checkpointer("dmgan", params, paths)
     res = run_loop("dmgan", p.steps, autocast_steps(params.teacher, s.unet.device, step_fn), state, ckpt,
                    p.checkpoint_every, log_every=10, max_minutes=p.max_minutes)
     s.unet.set_adapter(STUDENT)

@@ -37,6 +37,7 @@ from tlcm.benchmark_report import markdown, standard_error, summary_markdown
 from tlcm.grids import save_grid
 from tlcm.params import Params
 from tlcm.paths import Paths
+from tlcm.stages import LORA_STAGES, upstream
 from tlcm.storage import atomic_dir, atomic_write_json
 from tlcm.teacher_io import load_teacher, resolve_teacher
 
@@ -84,9 +85,8 @@ def score(net, row: Row, specs: list[W.Spec], real: np.ndarray, comp_specs: list
 
 STUDENT_LABELS = {"lcm_baseline": "LCM-LoRA baseline (LCD, 1 segment)", "mlcd": "TLCM after mlcd",
                   "ilcd": "TLCM after ilcd", "mps": "TLCM after mps", "dmgan": "TLCM after dmgan"}
-# the distillation stages whose training a row's LoRA has been through (for "train CPU-min")
-LINEAGE = {"lcm_baseline": ("lcm_baseline",), "mlcd": ("mlcd",), "ilcd": ("mlcd", "ilcd"),
-           "mps": ("mlcd", "ilcd", "mps"), "dmgan": ("mlcd", "ilcd", "mps", "dmgan")}
+# the distillation stages whose training a row's LoRA has been through (for "train CPU-min"), from the declarations
+LINEAGE = {st: tuple(s for s in upstream(st) if s in LORA_STAGES) for st in LORA_STAGES}
 
 
 def student_rows(p) -> list[tuple[str, str, tuple[int, ...]]]:

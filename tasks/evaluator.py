@@ -18,10 +18,11 @@ from models.evaluator import AttributeNet, applicable, attribute_correct, classi
 from tlcm import distributed as D
 from tlcm import render as R
 from tlcm import world as W
+from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json, load_tensors, save_tensors
-from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
+from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, save_tensors
+from tlcm.training import cosine_warmup, ensure_finite, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -128,7 +129,7 @@ def run(params: Params, paths: Paths) -> dict:
         opt.step()
         return {"ce": sum(v.item() for v in terms.values())}
 
-    ckpt = Checkpointer(paths.checkpoints("evaluator"), fingerprint(p, wp))
+    ckpt = checkpointer("evaluator", params, paths)
     res = run_loop("evaluator", p.steps, step_fn, {"net": net, "opt": opt}, ckpt, p.checkpoint_every,
                    max_minutes=p.max_minutes)
     net.eval().to("cpu")

@@ -11,7 +11,7 @@ import torch
 from models.denoiser import Denoiser, encode_prompts
 from models.sampling import sample_ddim, sample_with_scheduler, trailing_timesteps, unet_evals
 from tlcm.grids import save_grid
-from tlcm.params import Params
+from tlcm.params import T_TRAIN, TLCM_MAX_STEPS, Params, ParamsError
 from tlcm.paths import Paths
 from tlcm.teacher_io import load_teacher, resolve_teacher
 
@@ -99,9 +99,19 @@ def load_student_pipe(teacher: str, lora: str | Path, scheduler: str = "tlcm"):
     return pipe
 
 
+def check_steps(steps: int, student: bool) -> None:
+    """Refuse, before loading anything, a step count the sampler does not support."""
+    if student and not 1 <= steps <= TLCM_MAX_STEPS:
+        raise ParamsError(f"--steps {steps}: a TLCM LoRA samples 1..{TLCM_MAX_STEPS} steps (TLCMScheduler on the 8 "
+                          f"segment milestones); give --steps between 1 and {TLCM_MAX_STEPS}")
+    if not student and not 1 <= steps <= T_TRAIN:
+        raise ParamsError(f"--steps {steps}: teacher DDIM samples 1..{T_TRAIN} steps; give --steps between 1 and {T_TRAIN}")
+
+
 def generate(params: Params, paths: Paths, prompts: list[str], steps: int, guidance: float | None, seed: int,
              teacher: str | None, out: Path, lora: str | None = None) -> Path:
     """Teacher DDIM + CFG, or with ``lora`` the few-step student (TLCMScheduler, CFG off); a PNG grid."""
+    check_steps(steps, lora is not None)
     source = teacher or resolve_teacher(params.teacher.source, paths.teacher)
     if lora is not None:
         pipe = load_student_pipe(source, lora)

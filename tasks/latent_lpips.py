@@ -25,11 +25,12 @@ from diffusers import AutoencoderKL
 from models.latent_lpips import LatentLPIPS, RankingHead, ranking_loss, two_afc_score
 from tlcm import bapps as B
 from tlcm import distributed as D
+from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json, load_tensors, save_tensors
-from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
+from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, save_tensors
 from tlcm.render import to_unit_tensor
+from tlcm.training import cosine_warmup, ensure_finite, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -154,7 +155,7 @@ def run(params: Params, paths: Paths) -> dict:
             agree = two_afc_score(d0, d1, judge).mean()
         return {"bce": loss.item(), "2afc": agree.item()}
 
-    ckpt = Checkpointer(paths.checkpoints("latent_lpips"), fingerprint(p, params.bapps, params.teacher.source))
+    ckpt = checkpointer("latent_lpips", params, paths)
     res = run_loop("latent_lpips", p.steps, step_fn, {"net": net, "head": head, "opt": opt}, ckpt, p.checkpoint_every,
                    log_every=25, max_minutes=p.max_minutes)
 

@@ -20,11 +20,11 @@ from models.preference import irrelevant_prompts, mps_terms
 from models.tlcm import f_theta_x0, ilcd_target
 from tasks.finetune import autocast_steps, eq9_batch, passthrough, save_student, setup_student, step_backward
 from tlcm import distributed as D
+from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
-from tlcm.storage import Checkpointer
-from tlcm.training import ensure_finite, fingerprint, run_loop, step_generator
+from tlcm.training import ensure_finite, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 INIT_FROM = "ilcd"
@@ -81,7 +81,7 @@ def run(params: Params, paths: Paths) -> dict:
         return {**{k: v.item() for k, v in terms.items()}, "reward_pos": s_pos.mean().item(),
                 "reward_neg": s_neg.mean().item()}
 
-    ckpt = Checkpointer(paths.checkpoints("mps"), fingerprint(p, params.teacher, params.reward, INIT_FROM))
+    ckpt = checkpointer("mps", params, paths)
     res = run_loop("mps", p.steps, autocast_steps(params.teacher, s.unet.device, step_fn),
                    {"lora": AdapterState(s.unet), "opt": opt}, ckpt, p.checkpoint_every,
                    log_every=10, max_minutes=p.max_minutes)

@@ -53,7 +53,7 @@ def _fmt(v) -> str:
 
 def model_card(params: Params, paths: Paths, bench: dict, artifact_sha: str | None) -> str:
     """Markdown: what the model is, how it was made (every stage's params), how good it is."""
-    from tasks.registry import STAGES
+    from tlcm.stages import NAMES
 
     data = params.model_dump(mode="json")
     teacher = params.teacher.source
@@ -89,7 +89,7 @@ def model_card(params: Params, paths: Paths, bench: dict, artifact_sha: str | No
         "## Stages and their params",
         "",
     ]
-    for s in STAGES:
+    for s in NAMES:
         if s in data:
             lines += [f"### {s}", "", "```yaml", yaml.safe_dump(data[s], sort_keys=False).rstrip(), "```", ""]
     lines += [

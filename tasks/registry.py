@@ -1,4 +1,7 @@
-"""The stages in pipeline order, and the single entry point that DVC and Prefect both call."""
+"""The single entry point that DVC (``tlcm stage``), ``tlcm run`` and the Prefect tasks call.
+
+The stages themselves, their order and what each reads are declared in :mod:`tlcm.stages`.
+"""
 from __future__ import annotations
 
 import importlib
@@ -7,28 +10,49 @@ import time
 
 import torch
 
-from tlcm import tracking
+from tlcm import distributed, identity, read_audit, tracking
+from tlcm import stages as S
+from tlcm.checkpoints import prune_after_success
+from tlcm.locks import stage_lock, stage_lock_here
 from tlcm.params import Params
 from tlcm.paths import Paths
 
 log = logging.getLogger("tlcm")
 
-STAGES: tuple[str, ...] = ("world", "autoencoder", "evaluator", "teacher", "bapps", "latent_lpips", "reward",
-                           "lcm_baseline", "mlcd", "ilcd", "mps", "dmgan", "evaluate", "register")
-
 
 def run_stage(name: str, params: Params, paths: Paths) -> dict:
-    """Run one stage (``tasks/<name>.py: run``) with a start and a wall-time log line, inside its
-    records context (loss history; an MLflow run nested in the pipeline run when tracking is on)."""
-    if name not in STAGES:
-        raise KeyError(f"unknown stage '{name}' (stages: {', '.join(STAGES)})")
-    module = importlib.import_module(f"tasks.{name}")
-    log.info("stage %s: start (preset %s, artifacts %s)", name, params.preset, paths.root)
-    t0 = time.monotonic()
-    with torch.inference_mode(False), tracking.stage_run(name, params, paths) as record:
-        result = record.result = module.run(params, paths)
-    log.info("stage %s: done in %.1fs", name, time.monotonic() - t0)
+    """Run one stage (``tasks/<name>.py: run``) with a start and a wall-time log line, holding the
+    stage's lock on the artifacts folder, inside its records context (loss history; an MLflow run
+    nested in the pipeline run when tracking is on).
+
+    The stage gets a view of ``params`` with only the keys it declares; its checkpoints are those
+    of its identity (params, input artifacts, code: :mod:`tlcm.identity`). Once it has published
+    its output, the checkpoints of earlier identities are removed and a stamp records the
+    identity it ran with (what ``tlcm run`` and the Prefect cache compare with)."""
+    stage = S.get(name)
+    module = importlib.import_module(stage.module)
+    with stage_lock_here(paths.root, name):
+        ident = identity.stage_identity(name, params, paths.root)
+        log.info("stage %s: start (preset %s, artifacts %s)", name, params.preset, paths.root)
+        t0 = time.monotonic()
+        with identity.running(ident), prune_after_success(), torch.inference_mode(False), \
+                tracking.stage_run(name, params, paths) as record, read_audit.declared_reads(stage, paths.root):
+            result = record.result = module.run(identity.params_view(stage, params), paths)
+        if distributed.is_main():
+            identity.write_stamp(ident, paths.root)
+        log.info("stage %s: done in %.1fs", name, time.monotonic() - t0)
     return result
+
+
+def run_if_changed(name: str, params: Params, paths: Paths) -> dict | None:
+    """``run_stage`` unless the stage's last successful run had the same identity and its outputs
+    are as it left them (then log it and return None): what ``tlcm run`` does, like ``dvc repro``."""
+    ident = identity.stage_identity(name, params, paths.root)
+    if identity.up_to_date(ident, paths.root):
+        log.info("stage %s: up to date (same params, input artifacts and code as its last run, outputs unchanged); "
+                 "skipped", name)
+        return None
+    return run_stage(name, params, paths)
 
 
 def run_stage_on_worker(name: str, params: Params, paths: Paths, params_file: str = "params.yaml",
@@ -37,11 +61,12 @@ def run_stage_on_worker(name: str, params: Params, paths: Paths, params_file: st
     stage under ``accelerate launch`` on N processes (training stages that support it)."""
     import json
 
-    from tlcm.distributed import MULTI_PROCESS_STAGES, default_num_processes, launch_stage
+    from tlcm.distributed import default_num_processes, launch_stage
 
     n = default_num_processes()
-    if n <= 1 or name not in MULTI_PROCESS_STAGES:
+    if n <= 1 or not S.get(name).multi_process:
         return run_stage(name, params, paths)
     log.info("stage %s: launching on %d processes", name, n)
-    launch_stage(name, n, params_file, preset, str(paths.root))
+    with stage_lock(paths.root, name):
+        launch_stage(name, n, params_file, preset, str(paths.root))
     return json.loads((paths.metrics / f"{name}.json").read_text())

@@ -29,11 +29,12 @@ from models.reward import CONDITIONS, DEGRADATIONS, ShapesReward, bradley_terry_
 from tlcm import distributed as D
 from tlcm import render as R
 from tlcm import world as W
+from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.reward_io import TRAIN_HINT, check_mps_source, load_reward, load_tokenizer, save_shapes_reward  # noqa: F401
-from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json
-from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
+from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json
+from tlcm.training import cosine_warmup, ensure_finite, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -259,7 +260,7 @@ def run(params: Params, paths: Paths) -> dict:
         opt.step()
         return {k: v.item() for k, v in terms.items()} | {"acc": pairwise_accuracy(sw.detach(), sl.detach())}
 
-    ckpt = Checkpointer(paths.checkpoints("reward"), fingerprint(p, wp, params.teacher.text.max_length))
+    ckpt = checkpointer("reward", params, paths)
     res = run_loop("reward", p.steps, step_fn, {"net": net, "opt": opt}, ckpt, p.checkpoint_every,
                    log_every=max(1, min(50, p.steps // 4)), max_minutes=p.max_minutes)
     net.to("cpu")

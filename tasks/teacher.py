@@ -32,11 +32,12 @@ from models.sdxl_shaped import build_scheduler, build_text_encoders, build_unet
 from tlcm import distributed as D
 from tlcm import render as R
 from tlcm import world as W
+from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, atomic_write_json
+from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json
 from tlcm.teacher_io import load_teacher
-from tlcm.training import cosine_warmup, ensure_finite, fingerprint, run_loop, step_generator
+from tlcm.training import cosine_warmup, ensure_finite, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -148,7 +149,7 @@ def run(params: Params, paths: Paths) -> dict:
         ema.step(trainable)
         return {k: v.item() for k, v in terms.items()}
 
-    ckpt = Checkpointer(paths.checkpoints("teacher"), fingerprint(p, wp, params.autoencoder))
+    ckpt = checkpointer("teacher", params, paths)
     state = {"unet": unet, "te1": te1, "te2": te2, "opt": opt, "ema": ema}
     if head is not None:
         state["parse_head"] = head

@@ -10,6 +10,7 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TLCM_CHECK_READS", "1")  # a stage that reads an artifact it does not declare fails (tlcm/read_audit.py)
 
 
 @pytest.fixture(scope="session")
@@ -21,23 +22,25 @@ def smoke_params():
 
 @pytest.fixture(scope="session")
 def smoke_artifacts(tmp_path_factory, smoke_params):
-    """world -> autoencoder -> evaluator -> teacher on the smoke preset, built once per test session."""
+    """The teacher and the evaluator with what they need (world, autoencoder) on the smoke preset, once per session."""
     from tasks.registry import run_stage
     from tlcm.paths import Paths
+    from tlcm.stages import upstream
 
     paths = Paths(tmp_path_factory.mktemp("artifacts"))
-    for name in ("world", "autoencoder", "evaluator", "teacher"):
+    for name in upstream("teacher", "evaluator"):
         run_stage(name, smoke_params, paths)
     return paths
 
 
 @pytest.fixture(scope="session")
 def student_chain(smoke_artifacts, smoke_params):
-    """bapps → latent_lpips → mlcd → ilcd on the smoke artifacts (the input of the technique stages)."""
+    """The iLCD LoRA and what it needs (bapps, latent_lpips, mlcd) on the smoke artifacts (the input of the technique stages)."""
     from tasks.registry import run_stage
+    from tlcm.stages import upstream
 
-    for name in ("bapps", "latent_lpips", "mlcd", "ilcd"):
-        if not (smoke_artifacts.metrics / f"{name}.json").is_file():
+    for name in upstream("ilcd"):
+        if not (smoke_artifacts.metrics / f"{name}.json").is_file() and not (smoke_artifacts.root / name).is_dir():
             run_stage(name, smoke_params, smoke_artifacts)
     return smoke_artifacts
 

@@ -115,7 +115,7 @@ def test_two_processes_match_one_process_and_resume(smoke_artifacts, smoke_param
     moved = max(a[k].abs().max().item() for k in a if "lora_B" in k)  # B starts at 0: how far training moved it
     print(f"max |LoRA(1 process) - LoRA(2 processes)| = {diff:.3g} (tolerance {TOL}); max |B| = {moved:.3g}")
     assert diff < TOL < moved / 10
-    leftovers = [p.name for p in two.checkpoints("mlcd").iterdir() if p.name.startswith(".")]
+    leftovers = [p.name for p in two.checkpoints("mlcd").rglob(".*")]
     assert not leftovers  # one writer, atomic files
 
 

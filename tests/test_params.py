@@ -57,3 +57,38 @@ def test_cli_reports_params_error(tmp_path):
     r = run_cli("params", "--params", str(f))
     assert r.returncode == 2
     assert "world.sed" in r.stderr and "did you mean 'seed'" in r.stderr
+
+
+@pytest.mark.parametrize("section, bad, key, says", [
+    ("mlcd: {steps: true}", "steps: true", "mlcd.steps", "valid integer"),  # before: read as 1
+    ("mlcd: {lr: .inf}", "lr: .inf", "mlcd.lr", "finite number"),  # before: accepted
+    ("mlcd: {lr: .nan}", "lr: .nan", "mlcd.lr", "finite number"),
+    ("mlcd: {skip: 5000}", "skip: 5000", "mlcd.skip", "must be < T/M = 1000/8 = 125"),  # before: clamped
+    ("teacher: {steps: '3500'}", "'3500'", "teacher.steps", "valid integer"),
+    ("evaluate: {student_steps: [2, 9]}", "[2, 9]", "evaluate.student_steps", "each must be in 1..8"),
+    ("dmgan: {dm_t_min: 500, dm_t_max: 400}", "400", "dmgan.dm_t_max", "must be > dm_t_min = 500"),
+])
+def test_wrong_type_non_finite_or_out_of_range_values_are_refused(tmp_path, section, bad, key, says):
+    f = tmp_path / "params.yaml"
+    f.write_text(f"preset: mini\n{section}\n")
+    with pytest.raises(ParamsError) as e:
+        load_params(f)
+    assert f"'{key}'" in str(e.value) and says in str(e.value)
+
+
+def test_skip_range_follows_the_segments():
+    p = load_params(REPO / "params.yaml")
+    assert p.mlcd.skip == 20 and p.lcm_baseline.num_segments == 1  # one segment: skip up to 999 is meaningful
+
+
+def test_preset_is_a_name_not_a_path(tmp_path):
+    """Before: `--preset ../../x` read configs/presets/../../x.yaml, a file outside the presets."""
+    import os
+
+    from tlcm.params import PRESETS_DIR
+
+    evil = tmp_path / "x.yaml"
+    evil.write_text("teacher: {steps: 1}\n")
+    rel = os.path.relpath(evil.with_suffix(""), PRESETS_DIR)
+    with pytest.raises(ParamsError, match="not a preset name"):
+        load_params(REPO / "params.yaml", rel)

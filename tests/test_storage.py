@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from tlcm.storage import ArtifactError, Checkpointer, atomic_dir, load_tensors, save_tensors
+from tlcm.checkpoints import Checkpointer
+from tlcm.storage import ArtifactError, atomic_dir, load_tensors, save_tensors
 from tlcm.training import NonFiniteLoss, ensure_finite, run_loop
 
 
@@ -72,7 +73,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
     step, state = ck.load_latest()
     assert step == 4
     assert all(torch.isfinite(v).all() for v in state["net"].values())
-    assert json.loads((tmp_path / "c" / "latest.json").read_text())["step"] == 4
+    assert json.loads((tmp_path / "c" / "fp" / "latest.json").read_text())["step"] == 4
 
 
 def test_checkpoint_for_other_params_is_not_resumed(tmp_path):

@@ -42,7 +42,7 @@ def test_plain_stage_calls_do_not_touch_mlflow(tmp_path, monkeypatch):
 
 
 def test_pipeline_run_nests_stage_runs_with_params_losses_and_metrics(mlflow_store, tmp_path, smoke_params):
-    from tlcm.storage import Checkpointer
+    from tlcm.checkpoints import Checkpointer
     from tlcm.training import run_loop
 
     paths = Paths(tmp_path / "art")
@@ -179,11 +179,11 @@ def test_retry_condition_skips_permanent_errors():
 
 
 def test_cache_key_follows_inputs_and_outputs(tmp_path, monkeypatch):
-    """Same inputs + intact outputs -> same key (a cache hit); changed params or deleted outputs -> new key."""
+    """Same identity + intact outputs -> same key (a cache hit); changed params or deleted outputs -> new key."""
     from flows import caching
     from tasks.registry import run_stage
+    from tlcm.identity import stage_identity
 
-    monkeypatch.chdir(REPO)  # dvc.yaml and the code deps
     monkeypatch.setenv("TLCM_TRACKING", "0")
     params = load_params(REPO / "params.yaml", "smoke")
     paths = Paths(tmp_path / "art")
@@ -191,10 +191,11 @@ def test_cache_key_follows_inputs_and_outputs(tmp_path, monkeypatch):
     def run(task_run_id, p=params):
         key = caching.key_for("world", p, paths, task_run_id)
         run_stage("world", p, paths)
-        caching.record("world", p, paths, task_run_id)
+        caching.record("world", paths, task_run_id)
         return key
 
     k1 = run("run-1")
+    assert stage_identity("world", params, paths.root).hash[:32] in k1  # the key is the stage identity's
     assert caching.key_for("world", params, paths, "run-2") == k1  # unchanged: hit
     caching._keys.clear()
     other = params.model_copy(update={"world": params.world.model_copy(update={"n_train_prompts": 65})})
@@ -203,11 +204,10 @@ def test_cache_key_follows_inputs_and_outputs(tmp_path, monkeypatch):
     assert caching.key_for("world", other, paths, "run-4") == k2
     (paths.world / "world.json").unlink()  # an output edited/deleted behind Prefect's back
     assert caching.key_for("world", other, paths, "run-5") not in (k1, k2)
-    # the teacher's key depends on the world's content (an upstream dep)
-    t1 = caching.inputs_hash("teacher", other, paths)
+    # the teacher's key depends on the world's content (an upstream artifact)
+    t1 = stage_identity("teacher", other, paths.root).hash
     run("run-6")
-    assert caching.inputs_hash("teacher", params, paths) != t1
-    assert caching.key_for("register", params, paths, "x") is not None  # register is in dvc.yaml too
+    assert stage_identity("teacher", params, paths.root).hash != t1
 
 
 # ---- S3 preflight against a real S3 server ---------------------------------------------------
@@ -276,7 +276,7 @@ def test_flow_has_one_retrying_task_per_stage_calling_run_stage(tmp_path, monkey
 
     from flows import caching
     from flows.tlcm import STAGE_TASKS, is_transient, tlcm
-    from tasks.registry import STAGES
+    from tlcm.stages import NAMES as STAGES
 
     assert tlcm.name == "tlcm" and list(STAGE_TASKS) == list(STAGES) and STAGES[-1] == "register"
     for name, t in STAGE_TASKS.items():

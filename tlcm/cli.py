@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -9,9 +10,10 @@ import sys
 from pathlib import Path
 
 from tasks.register import PromotionRefused
+from tlcm.locks import StageBusy
 from tlcm.params import ParamsError, load_params
 from tlcm.paths import Paths
-from tlcm.storage import ArtifactError
+from tlcm.storage import ArtifactError, disk_error_message
 from tlcm.tracking import TrackingError
 from tlcm.training import NonFiniteLoss
 
@@ -31,7 +33,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tasks.registry import STAGES
+    from tlcm.stages import NAMES
 
     ap = argparse.ArgumentParser(prog="tlcm", description="TLCM: data-free distillation of a latent diffusion model "
                                  "into a few-step LoRA (arXiv 2406.05768).")
@@ -39,15 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("stage", help="run one pipeline stage (what each dvc.yaml stage calls)")
-    s.add_argument("name", choices=STAGES)
+    s.add_argument("name", choices=NAMES)
     _common(s)
     s.add_argument("--num-processes", type=int, default=1, metavar="N",
                    help="train on N processes (accelerate launch: CPU gloo, or one per GPU; same result as 1 process "
                         "at the same global batch_size, which must divide by N)")
 
-    r = sub.add_parser("run", help="run every stage in order, in this process")
+    r = sub.add_parser("run", help="run every stage in order, in this process (skipping those that are up to date)")
     _common(r)
-    r.add_argument("--until", choices=STAGES, default=None, help="stop after this stage")
+    r.add_argument("--until", choices=NAMES, default=None, help="stop after this stage")
 
     g = sub.add_parser("generate", help="sample images from the teacher (or a LoRA) and write a PNG grid")
     _common(g)
@@ -59,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", default=None, help="a TLCM LoRA folder or MLflow URI (models:/tlcm-shapes@champion): "
                    "samples the student with TLCMScheduler, CFG off")
     g.add_argument("--out", default="samples.png")
+
+    dv = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations (tlcm/stages.py) and the code")
+    _common(dv)
+    dv.add_argument("--check", action="store_true", help="write nothing; exit 1 if dvc.yaml differs from the declarations")
 
     pp = sub.add_parser("params", help="print the resolved params (after the preset overlay)")
     _common(pp)
@@ -95,23 +101,37 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(params.model_dump(mode="json"), indent=2))
         elif args.cmd == "stage":
             from tasks.registry import run_stage
-            from tlcm.distributed import launch_or_join
+            from tlcm.distributed import launch_or_join, launched
+            from tlcm.locks import stage_lock
 
-            code = launch_or_join(args.num_processes, sys.argv[1:] if argv is None else argv, params, args.name)
+            launcher = args.num_processes > 1 and not launched()  # it holds the lock for the processes it starts
+            with stage_lock(paths.root, args.name) if launcher else contextlib.nullcontext():
+                code = launch_or_join(args.num_processes, sys.argv[1:] if argv is None else argv, params, args.name)
             if code is not None:
                 return code
             run_stage(args.name, params, paths)
         elif args.cmd == "run":
-            from tasks.registry import STAGES, run_stage
+            from tasks.registry import run_if_changed
             from tlcm import tracking
             from tlcm.preflight import require_assets
+            from tlcm.stages import NAMES
 
             require_assets(params)  # missing external assets fail here, in seconds, all named at once
             with tracking.pipeline_run(params, paths, tags={"tlcm.entry": "tlcm run"}):
-                for name in STAGES:
-                    run_stage(name, params, paths)
+                for name in NAMES:
+                    run_if_changed(name, params, paths)
                     if name == args.until:
                         break
+        elif args.cmd == "dvc-yaml":
+            from tlcm import dvc_yaml
+
+            if args.check:
+                if dvc_yaml.differs():
+                    log.error("dvc.yaml differs from the stage declarations; run `tlcm dvc-yaml`")
+                    return 1
+                print("dvc.yaml matches the stage declarations")
+            else:
+                print(dvc_yaml.write())
         elif args.cmd == "promote":
             from tasks.register import promote
 
@@ -139,8 +159,14 @@ def main(argv: list[str] | None = None) -> int:
                            args.lora)
             print(out)
         return 0
-    except (ParamsError, ArtifactError, NonFiniteLoss, TrackingError, PromotionRefused) as e:
+    except (ParamsError, ArtifactError, NonFiniteLoss, TrackingError, PromotionRefused, StageBusy) as e:
         log.error("%s", e)
+        return 2
+    except OSError as e:  # a full disk or an unwritable folder outside the atomic writers: one line, no traceback
+        msg = disk_error_message(e)
+        if msg is None:
+            raise
+        log.error("%s", msg)
         return 2
 
 

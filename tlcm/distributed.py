@@ -30,13 +30,14 @@ from typing import Iterable, Sequence, TypeVar
 
 import torch
 
+from tlcm.stages import STAGES
+
 log = logging.getLogger("tlcm")
 
 T = TypeVar("T")
 LAUNCHED_ENV = "TLCM_LAUNCHED"  # set by :func:`launch_command` in the children it starts
-# Stages whose training loop follows the contract above (a new training stage adds itself here).
-MULTI_PROCESS_STAGES = frozenset({"autoencoder", "evaluator", "teacher", "latent_lpips", "reward", "lcm_baseline", "mlcd",
-                                  "ilcd", "mps", "dmgan"})
+# Stages whose training loop follows the contract above (declared `multi_process` in tlcm/stages.py).
+MULTI_PROCESS_STAGES = frozenset(s.name for s in STAGES if s.multi_process)
 
 
 class ShardError(ValueError):

@@ -8,16 +8,23 @@ merged over it; select it with the top-level ``preset`` key (so
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = ROOT / "configs" / "presets"
 BASE_PRESET = "mini"
+
+
+T_TRAIN = 1000  # discrete DDPM timesteps of the teacher (SD, SDXL and the shapes teacher): range checks below
+TLCM_MAX_STEPS = 8  # models/scheduler.py: TLCM sampling on the M = 8 milestones supports 1..8 steps
+LCM_MAX_STEPS = 50  # diffusers' LCMScheduler: at most original_inference_steps (50)
+PRESET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 class ParamsError(ValueError):
@@ -25,7 +32,23 @@ class ParamsError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Strict types (a bool is not an int, a string is not a number), finite floats, unknown keys rejected."""
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_as_tuples(cls, data: Any) -> Any:
+        """YAML lists are tuples here (strict mode takes no list for a tuple field)."""
+        if isinstance(data, dict):
+            return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        return data
+
+
+def _each_in(values: tuple[int, ...], lo: int, hi: int, what: str) -> tuple[int, ...]:
+    bad = [v for v in values if not lo <= v <= hi]
+    if bad:
+        raise ValueError(f"{bad} out of range: each must be in {lo}..{hi} ({what})")
+    return values
 
 
 class WorldParams(Section):
@@ -103,7 +126,7 @@ class EvaluateParams(Section):
     n_prompts: int = Field(512, gt=0)
     batch_size: int = Field(64, gt=0)
     guidance_scale: float = Field(5.0, ge=0, description="CFG w of the reference row (the teacher at reference_steps)")
-    reference_steps: int = Field(25, gt=0, description="the teacher's DDIM + CFG reference row")
+    reference_steps: int = Field(25, gt=0, le=T_TRAIN, description="the teacher's DDIM + CFG reference row")
     baseline_samplers: tuple[Literal["tlcm", "dpmpp_2m", "euler_a", "ddim"], ...] = Field(
         ("tlcm", "dpmpp_2m", "euler_a", "ddim"), description="training-free samplers of the untrained teacher")
     baseline_steps: tuple[int, ...] = (2, 3, 4, 8)
@@ -115,6 +138,23 @@ class EvaluateParams(Section):
     student_steps: tuple[int, ...] = (2, 3, 4, 8)
     lcm_steps: tuple[int, ...] = (2, 4, 8)
     grid_prompts: int = Field(16, gt=0)
+
+    @field_validator("baseline_steps")
+    @classmethod
+    def _baseline_steps(cls, v: tuple[int, ...], info: ValidationInfo) -> tuple[int, ...]:
+        if "tlcm" in (info.data.get("baseline_samplers") or ()):
+            return _each_in(v, 1, TLCM_MAX_STEPS, "the 'tlcm' baseline sampler samples on the 8 segment milestones")
+        return _each_in(v, 1, T_TRAIN, "teacher sampler steps")
+
+    @field_validator("student_steps")
+    @classmethod
+    def _student_steps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return _each_in(v, 1, TLCM_MAX_STEPS, "TLCM sampling on the 8 segment milestones")
+
+    @field_validator("lcm_steps")
+    @classmethod
+    def _lcm_steps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return _each_in(v, 1, LCM_MAX_STEPS, "diffusers' LCMScheduler")
 
 
 class GateParams(Section):
@@ -155,8 +195,8 @@ class ConsistencyParams(Section):
     """Shared by `mlcd`, `ilcd` and `lcm_baseline` (same loop, different sections)."""
     seed: int = 7
     rank: int = Field(16, gt=0)
-    num_segments: int = Field(8, gt=0, description="M; 1 gives plain LCD over [0, T] (the LCM baseline)")
-    skip: int = Field(20, gt=0, description="MLCD: t_m - t_n")
+    num_segments: int = Field(8, gt=0, le=T_TRAIN, description="M; 1 gives plain LCD over [0, T] (the LCM baseline)")
+    skip: int = Field(20, gt=0, description="MLCD: t_m - t_n; < T/M (a skip past the segment would always be clamped)")
     guidance_scale: float = Field(5.0, ge=0, description="CFG w of the teacher solver (sdxl: 8.0)")
     loss: Literal["mse", "lpips"] = "lpips"
     steps: int = Field(600, gt=0)
@@ -168,6 +208,15 @@ class ConsistencyParams(Section):
     eval_prompts: int = Field(64, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     max_minutes: float = Field(0.0, ge=0)
+
+    @field_validator("skip")
+    @classmethod
+    def _skip_within_segment(cls, v: int, info: ValidationInfo) -> int:
+        m = info.data.get("num_segments")
+        if m and v >= T_TRAIN / m:
+            raise ValueError(f"{v} out of range: must be < T/M = {T_TRAIN}/{m} = {T_TRAIN / m:g} "
+                             f"(T = {T_TRAIN} timesteps, M = num_segments = {m}); the accepted range is 1..{-(-T_TRAIN // m) - 1}")
+        return v
 
 
 class RewardParams(Section):
@@ -223,10 +272,18 @@ class DmganParams(TechniqueParams):
     disc_tune: Literal["frozen", "lora"] = Field("frozen", description="teacher encoder in the discriminator")
     gan_loss: Literal["nonsaturating", "hinge"] = "nonsaturating"
     critic_updates: int = Field(1, gt=0, description="fake-score + discriminator updates per generator update")
-    dm_t_min: int = Field(20, ge=0)
-    dm_t_max: int = Field(980, gt=0)
-    gan_t_max: int = Field(750, gt=0, description="t' for the discriminator's forward diffusion, U[0, gan_t_max)")
+    dm_t_min: int = Field(20, ge=0, lt=T_TRAIN)
+    dm_t_max: int = Field(980, gt=0, le=T_TRAIN)
+    gan_t_max: int = Field(750, gt=0, le=T_TRAIN, description="t' for the discriminator's forward diffusion, U[0, gan_t_max)")
     collapse_window: int = Field(20, gt=0, description="steps of discriminator accuracy 1.0 that count as a collapse")
+
+    @field_validator("dm_t_max")
+    @classmethod
+    def _dm_range(cls, v: int, info: ValidationInfo) -> int:
+        lo = info.data.get("dm_t_min")
+        if lo is not None and v <= lo:
+            raise ValueError(f"{v} out of range: must be > dm_t_min = {lo} (and <= {T_TRAIN})")
+        return v
 
 
 class PromptsParams(Section):
@@ -306,7 +363,8 @@ def _explain(err: ValidationError, source: str) -> str:
                 + (f" (did you mean '{hint[0]}'?)" if hint else f" (known keys: {', '.join(known)})")
             )
         else:
-            lines.append(f"{source}: '{key}': {e['msg']} (got {e.get('input')!r})")
+            msg = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(f"{source}: '{key}': {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 
@@ -328,11 +386,14 @@ def load_params(path: str | Path = "params.yaml", preset: str | None = None) -> 
     data = _read_yaml(path)
     name = preset or data.get("preset", BASE_PRESET)
     source = str(path)
+    known = sorted([p.stem for p in PRESETS_DIR.glob("*.yaml")] + [BASE_PRESET])
+    if not isinstance(name, str) or not PRESET_NAME.match(name):
+        raise ParamsError(f"preset {name!r} is not a preset name: give one of {', '.join(known)} (presets are "
+                          f"names of files in {PRESETS_DIR}, not paths)")
     if name != BASE_PRESET:
         overlay_path = PRESETS_DIR / f"{name}.yaml"
         if not overlay_path.is_file():
-            known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")) + [BASE_PRESET]
-            raise ParamsError(f"unknown preset '{name}' (known: {', '.join(sorted(known))})")
+            raise ParamsError(f"unknown preset '{name}' (known: {', '.join(known)})")
         data = _deep_merge(data, _read_yaml(overlay_path))
         source = f"{path} + {overlay_path}"
     data["preset"] = name

@@ -1,15 +1,19 @@
-"""Atomic writes, safe weight loading and resumable checkpoints.
+"""Atomic writes and safe weight loading (resumable checkpoints: :mod:`tlcm.checkpoints`).
 
 Every file or folder a stage publishes is first written beside its final
 place under a temporary name and then renamed into place, so a later stage
-(or a killed run) never sees half of it. Weights are read with safetensors
-only; a file that cannot be read stops with a message naming it.
+(or a killed run) never sees half of it; a write that fails (full disk, no
+permission) removes its temporary and stops with one line naming the folder.
+Weights are read with safetensors only; a file that cannot be read stops with
+a message naming it.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -17,26 +21,98 @@ from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 
 class ArtifactError(RuntimeError):
     """An input artifact that is missing or unreadable; the message says what to do."""
 
 
+class StorageError(ArtifactError):
+    """A folder cannot be written (full disk, no permission, read-only); nothing half-written was published."""
+
+
+# errno -> (what happened, what to do with the folder)
+DISK_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free space there, or point --artifacts (TLCM_ARTIFACTS) at a disk "
+                                                  "with room"),
+    errno.EDQUOT: ("disk quota exceeded", "free space there, or point --artifacts (TLCM_ARTIFACTS) elsewhere"),
+    errno.EFBIG: ("file too large for this file system or process limit", "point --artifacts elsewhere"),
+    errno.EACCES: ("permission denied", "make {folder} writable (`chmod -R u+w {folder}`) or point --artifacts "
+                                        "elsewhere"),
+    errno.EPERM: ("operation not permitted", "make {folder} writable (`chmod -R u+w {folder}`) or point --artifacts "
+                                             "elsewhere"),
+    errno.EROFS: ("read-only file system", "point --artifacts (TLCM_ARTIFACTS) at a writable folder"),
+}
+
+
+_RUST_OS_ERROR = re.compile(r"os error (\d+)|Os \{ code: (\d+)")
+
+
+def _errno_of(e: BaseException) -> int | None:
+    """The errno of an OSError, or of the I/O error a Rust extension (safetensors, tokenizers) reports in its message."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = _RUST_OS_ERROR.search(str(e))
+    return int(m.group(1) or m.group(2)) if m else None
+
+
+def disk_error_message(e: BaseException, folder: str | Path | None = None) -> str | None:
+    """One line for a full/unwritable folder (None for other errors)."""
+    code = _errno_of(e)
+    if code not in DISK_ERRORS:
+        return None
+    filename = getattr(e, "filename", None)
+    where = Path(folder) if folder is not None else Path(filename).parent if filename else None
+    what, fix = DISK_ERRORS[code]
+    where_s = str(where) if where is not None else "the output folder"
+    existing = where
+    while existing is not None and not existing.exists() and existing.parent != existing:
+        existing = existing.parent  # `chmod` needs a folder that exists
+    return (f"cannot write {where_s}: {what}. Nothing half-written was published; "
+            f"{fix.format(folder=existing if existing is not None else where_s)}, then re-run.")
+
+
+@contextlib.contextmanager
+def writing(folder: str | Path) -> Iterator[None]:
+    """Turn a full-disk / permission error while writing into ``folder`` into a one-line :class:`StorageError`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Rust extensions raise plain Exceptions for I/O errors
+        msg = disk_error_message(e, folder)
+        if msg is None:
+            raise
+        raise StorageError(msg) from None
+
+
 def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 
 
+@contextlib.contextmanager
+def _temporary(path: Path) -> Iterator[Path]:
+    """A temporary sibling of ``path`` that is removed if the block fails (the caller renames it into place)."""
+    tmp = _tmp_sibling(path)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield tmp
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _temporary(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -52,29 +128,29 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it replaces ``path`` in one rename.
     On error the temporary folder is removed and ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
-    tmp.mkdir()
     try:
-        yield tmp
+        with writing(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        with writing(path):
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if path.exists():
-        old = _tmp_sibling(path)
-        os.replace(path, old)
-    os.replace(tmp, path)
+    with writing(path.parent):
+        old = None
+        if path.exists():
+            old = _tmp_sibling(path)
+            os.replace(path, old)
+        os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
 def load_tensors(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -100,70 +176,3 @@ def read_json(path: str | Path, what: str, fix: str) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{what} is corrupt (not valid JSON): {path} ({e}); {fix}") from e
-
-
-# ---- nested state (optimizer, RNG, counters) <-> flat safetensors ----------------
-
-def _flatten(obj: Any, prefix: str, tensors: dict) -> Any:
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj
-        return {"__tensor__": prefix}
-    if isinstance(obj, dict):
-        return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
-                             for i, (k, v) in enumerate(obj.items())]}
-    if isinstance(obj, (list, tuple)):
-        return {"__list__": [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)],
-                "tuple": isinstance(obj, tuple)}
-    return obj
-
-
-def _unflatten(obj: Any, tensors: dict) -> Any:
-    if isinstance(obj, dict) and "__tensor__" in obj:
-        return tensors[obj["__tensor__"]]
-    if isinstance(obj, dict) and "__dict__" in obj:
-        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
-    if isinstance(obj, dict) and "__list__" in obj:
-        items = [_unflatten(v, tensors) for v in obj["__list__"]]
-        return tuple(items) if obj.get("tuple") else items
-    return obj
-
-
-class Checkpointer:
-    """Numbered checkpoints in ``folder``; ``latest.json`` points at the newest good one.
-
-    A checkpoint is written completely (temporary name, fsync, rename) before
-    the pointer moves, so a kill at any moment leaves the previous good
-    checkpoint in place. ``fingerprint`` ties checkpoints to the params that
-    made them: a checkpoint for other params is not resumed.
-    """
-
-    def __init__(self, folder: str | Path, fingerprint: str, keep: int = 2):
-        self.folder, self.fingerprint, self.keep = Path(folder), fingerprint, keep
-
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = _flatten(state, "s", tensors)
-        path = self.folder / f"step-{step:08d}.safetensors"
-        save_tensors(path, tensors, {"skeleton": json.dumps(skeleton), "fingerprint": self.fingerprint})
-        atomic_write_json(self.folder / "latest.json", {"step": step, "file": path.name, "fingerprint": self.fingerprint})
-        for old in sorted(self.folder.glob("step-*.safetensors"))[: -self.keep]:
-            old.unlink(missing_ok=True)
-        return path
-
-    def load_latest(self) -> tuple[int, dict[str, Any]] | None:
-        pointer = self.folder / "latest.json"
-        if not pointer.is_file():
-            return None
-        meta = read_json(pointer, "checkpoint pointer", f"delete {self.folder} to start over")
-        if meta.get("fingerprint") != self.fingerprint:
-            return None
-        path = self.folder / meta["file"]
-        tensors = load_tensors(path, what="checkpoint")
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            skeleton = json.loads(f.metadata()["skeleton"])
-        return int(meta["step"]), _unflatten(skeleton, tensors)
-
-    def clear(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)

@@ -384,6 +384,8 @@ def stage_run(stage: str, params, paths) -> Iterator[StageRecord]:
     rec = StageRecord(stage, paths)
     track = enabled() and (_parent_run is not None or mode() == "on" or stage in ALWAYS_TRACKED)
     c = None
+    if track and _parent_run is None:  # a lone stage: check the store before any work (a pipeline run did already)
+        preflight()
     if track:
         c = client()
         tags = _tags(params, {"tlcm.stage": stage, "tlcm.kind": "stage"})

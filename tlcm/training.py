@@ -13,8 +13,6 @@ processes' loss terms, only the main process writes checkpoints (the others wait
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
@@ -25,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tlcm import distributed, tracking
-from tlcm.storage import Checkpointer
+from tlcm.checkpoints import Checkpointer
 
 log = logging.getLogger("tlcm")
 
@@ -37,22 +35,6 @@ class NonFiniteLoss(RuntimeError):
 class Stateful(Protocol):
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> Any: ...
-
-
-# Budget keys do not change what a step computes: a checkpoint made under another budget is resumed
-# (raise `steps` to train longer from where a run stopped; the LR schedule follows the new total).
-BUDGET_KEYS = frozenset({"steps", "max_minutes", "checkpoint_every", "eval_every", "eval_prompts"})
-
-
-def fingerprint(*parts: Any) -> str:
-    """Stable hash of params (pydantic models, dicts, strings) that a checkpoint belongs to."""
-    def dump(p: Any) -> Any:
-        if hasattr(p, "model_dump"):
-            return {k: v for k, v in p.model_dump(mode="json").items() if k not in BUDGET_KEYS}
-        return p
-
-    blob = json.dumps([dump(p) for p in parts], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -99,7 +81,7 @@ def run_loop(
     leaves the last good checkpoint untouched.
     """
     start = 0
-    found = checkpointer.load_latest()
+    found = checkpointer.load(max_step=total_steps)
     if found is not None:
         start, saved = found
         for k, obj in state.items():
@@ -151,7 +133,7 @@ def run_loop(
         step = total_steps - 1
     bar.close()
     done = step + 1 if total_steps > start else start
-    if not stopped_early:
+    if not stopped_early and done > start:  # a resumed run that trained nothing has its checkpoint already
         save(done)
     return LoopResult(done, start, time.monotonic() - t0, history, stopped_early)
 
