@@ -14,7 +14,7 @@ from tlcm.paths import Paths
 log = logging.getLogger("tlcm")
 
 STAGES: tuple[str, ...] = ("world", "autoencoder", "evaluator", "teacher", "bapps", "latent_lpips", "reward",
-                           "lcm_baseline", "mlcd", "ilcd", "mps", "dmgan", "evaluate", "register")
+                           "controlnet", "lcm_baseline", "mlcd", "ilcd", "mps", "dmgan", "evaluate", "register")
 
 
 def run_stage(name: str, params: Params, paths: Paths) -> dict:

@@ -36,7 +36,7 @@ T = TypeVar("T")
 LAUNCHED_ENV = "TLCM_LAUNCHED"  # set by :func:`launch_command` in the children it starts
 # Stages whose training loop follows the contract above (a new training stage adds itself here).
 MULTI_PROCESS_STAGES = frozenset({"autoencoder", "evaluator", "teacher", "latent_lpips", "reward", "lcm_baseline", "mlcd",
-                                  "ilcd", "mps", "dmgan"})
+                                  "ilcd", "mps", "dmgan", "controlnet"})
 
 
 class ShardError(ValueError):
