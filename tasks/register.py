@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from tlcm import tracking
-from tlcm.packaging import save_pyfunc
+from tlcm.packaging import example_prompt, save_pyfunc
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError, atomic_write_json, read_json
@@ -110,8 +110,7 @@ def use_section(params: Params, paths: Paths) -> list[str]:
     """The card's "Use" section: Python that runs as written on a machine that sees this tracking store
     (the tests execute it)."""
     name, n = params.register.model_name, serve_steps(params)
-    from tlcm.packaging import example_prompt
-
+    uri, prompt = tracking.redact(tracking.tracking_uri()), example_prompt(params, paths)
     bundled = params.teacher.source == "train"
     return [
         "## Use",
@@ -121,9 +120,9 @@ def use_section(params: Params, paths: Paths) -> list[str]:
         "",
         "```python",
         "import mlflow",
-        f'mlflow.set_tracking_uri("{tracking.redact(tracking.tracking_uri())}")',
+        f'mlflow.set_tracking_uri("{uri}")',
         f'model = mlflow.pyfunc.load_model("models:/{name}@{CHAMPION}")',
-        f'pngs = model.predict([{example_prompt(params, paths)!r}], params={{"num_inference_steps": {n}}})',
+        f'pngs = model.predict([{prompt!r}], params={{"num_inference_steps": {n}}})',
         'open("sample.png", "wb").write(pngs[0])',
         "```",
         "",
@@ -134,7 +133,7 @@ def use_section(params: Params, paths: Paths) -> list[str]:
         "import sys",
         "import mlflow",
         "from diffusers import StableDiffusionXLPipeline",
-        f'mlflow.set_tracking_uri("{tracking.redact(tracking.tracking_uri())}")',
+        f'mlflow.set_tracking_uri("{uri}")',
         f'folder = mlflow.artifacts.download_artifacts("models:/{name}@{CHAMPION}")',
         'sys.path.insert(0, f"{folder}/code")',
         "from models.scheduler import TLCMScheduler",
@@ -142,7 +141,7 @@ def use_section(params: Params, paths: Paths) -> list[str]:
          f'pipe = StableDiffusionXLPipeline.from_pretrained({params.teacher.source!r})'),
         'pipe.load_lora_weights(f"{folder}/artifacts/lora")',
         'pipe.scheduler = TLCMScheduler.from_pretrained(f"{folder}/artifacts/scheduler")',
-        f"image = pipe({example_prompt(params, paths)!r}, num_inference_steps={n}, guidance_scale=1.0).images[0]",
+        f"image = pipe({prompt!r}, num_inference_steps={n}, guidance_scale=1.0).images[0]",
         "```",
         "",
         "ComfyUI / Automatic1111: `tlcm export --format kohya models:/" + name + "@" + CHAMPION +

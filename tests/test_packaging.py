@@ -13,7 +13,9 @@ REV = "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_hub_id_is_recorded_with_the_cached_revision(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # read at call time
     snap = tmp_path / "hub" / "models--acme--sdxl-like" / "snapshots" / REV
     snap.mkdir(parents=True)
     (snap / "model_index.json").write_text("{}")
