@@ -79,6 +79,7 @@ def img2img_inference_steps(steps: int, strength: float) -> int:
 
 def _run(pipe, prompts, bs: int, seed: int, **kw) -> np.ndarray:
     """A diffusers pipeline over ``prompts`` in batches (per-batch inputs sliced), uint8 (N, H, W, 3)."""
+    pipe.set_progress_bar_config(disable=True)
     out = []
     for i in range(0, len(prompts), bs):
         sl = {k: (v[i:i + bs] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}

@@ -5,9 +5,8 @@ import json
 import pytest
 import torch
 
-from tasks.applications import benchmark_rows, img2img_inference_steps, stock_path_rows
+from tasks.applications import benchmark_rows, img2img_inference_steps
 from tasks.evaluator import load_evaluator
-from tasks.generate import load_student_pipe
 from tasks.world import read_prompts
 from tlcm.paths import Paths
 
@@ -22,23 +21,11 @@ def app_root(smoke_artifacts, perturbed_lora, tmp_path_factory):
     return Paths(root)
 
 
-def test_stock_paths_sample_what_the_benchmark_samples(app_root, smoke_params):
-    """Same z_T and noise: plain StableDiffusionXLPipeline + TLCMScheduler, stock LCMScheduler with
-    timesteps=[999, 749, 499, 124], and the benchmark's own sampler give the same latents."""
-    net = load_evaluator(smoke_params, app_root)
-    specs = read_prompts(app_root, "eval")[:4]
-    student = load_student_pipe(str(app_root.teacher), app_root.lora("dmgan"))
-    rows = stock_path_rows(student, net, specs, [s.caption() for s in specs], "TLCM", seed=5)
-    diffs = {r["method"]: r["max_abs_diff"] for r in rows}
-    print("max |Δ latents| vs the benchmark sampler:", json.dumps(diffs, indent=1))
-    assert len(rows) == 3 and rows[0]["max_abs_diff"] == 0.0
-    assert any("LCMScheduler(timesteps=[999, 749, 499, 124])" in m for m in diffs)
-    assert all(d <= 1e-4 for d in diffs.values()), diffs
-
-
-def test_applications_run_in_diffusers_pipelines_with_the_lora(app_root, smoke_params):
-    """controlnet stage (from_unet of the teacher) then every application row on smoke: the pipelines run,
-    the teacher reference agrees with itself, and each row has its measurements."""
+def test_applications_and_stock_paths_in_diffusers_pipelines_with_the_lora(app_root, smoke_params):
+    """controlnet stage (from_unet of the teacher), then every row `evaluate` adds on smoke. Stock paths: from
+    the same z_T and noise, plain StableDiffusionXLPipeline + TLCMScheduler and stock LCMScheduler with
+    timesteps=[999, 749, 499, 124] give the benchmark sampler's latents. Applications: the pipelines run, the
+    teacher reference agrees with itself, and each row has its measurements."""
     from diffusers import ControlNetModel
 
     from tasks.registry import run_stage
@@ -50,6 +37,11 @@ def test_applications_run_in_diffusers_pipelines_with_the_lora(app_root, smoke_p
     net = load_evaluator(smoke_params, app_root)
     specs = read_prompts(app_root, "eval")
     rows = benchmark_rows(smoke_params, app_root, net, specs)
+    diffs = {r["method"]: r["max_abs_diff"] for r in rows if "max_abs_diff" in r}
+    print("max |Δ latents| vs the benchmark sampler:", json.dumps(diffs, indent=1))
+    assert len(diffs) == 3 and diffs["TLCM after dmgan: benchmark sampler (models.sampling + TLCMScheduler)"] == 0.0
+    assert any("LCMScheduler(timesteps=[999, 749, 499, 124])" in m for m in diffs)
+    assert all(d <= 1e-4 for d in diffs.values()), diffs
     by = {(r["method"], r["steps"]): r for r in rows}
     a = smoke_params.applications
     for kind in ("img2img", "inpaint", "controlnet"):
