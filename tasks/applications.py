@@ -122,6 +122,8 @@ def stock_path_rows(student, net, specs, prompts, label: str, seed: int) -> list
                                  TLCMScheduler.from_config(student.scheduler.config), STOCK_STEPS, z_T, 1.0, gen())
     plain = StableDiffusionXLPipeline.from_pipe(student, scheduler=TLCMScheduler.from_config(student.scheduler.config))
     lcm = StableDiffusionXLPipeline.from_pipe(student, scheduler=LCMScheduler.from_config(student.scheduler.config))
+    for p in (plain, lcm):
+        p.set_progress_bar_config(disable=True)
     paths = {
         f"{label}: benchmark sampler (models.sampling + TLCMScheduler)": ours,
         f"{label}: StableDiffusionXLPipeline + TLCMScheduler": plain(
