@@ -27,6 +27,7 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from models.evaluator import FeatureExtractor
+from tasks.applications import benchmark_rows
 from tasks.evaluator import accuracy, load_evaluator, mirror_swapped, require
 from models.sampling import BASELINE_SAMPLERS, baseline_scheduler
 from tasks.generate import Samples, student_samples, teacher_ddim
@@ -305,6 +306,7 @@ def run(params: Params, paths: Paths) -> dict:
     _add_speedups(table)
     _add_training(paths, p, table)
     reward_scores(params, paths, table, [real] + [r.samples.images for r in rows], prompts)
+    table += benchmark_rows(params, paths, net, specs)  # §A.2 applications and the stock sampling paths
     header = (f"Benchmark ({params.preset}; {len(prompts)} held-out prompts; reference CFG w={p.guidance_scale}; "
               f"baselines' w chosen on {p.selection_prompts} other held-out prompts; batch {p.batch_size}; "
               f"reward = {params.mps.condition} score of the reward model, not the judge)")

@@ -69,16 +69,19 @@ def student_samples(pipe, prompts: list[str], steps: int, seed: int, batch_size:
 
 
 def resolve_lora(ref: str) -> Path:
-    """A LoRA folder from a path, or from an MLflow URI (``models:/<name>@champion``, ``runs:/<id>/model``)."""
+    """A LoRA folder from a path, or from a registered version or run (``models:/<name>@champion``,
+    ``runs:/<id>/model``: its ``artifacts/lora``)."""
     if ref.startswith(("models:/", "runs:/")):
         import tempfile
 
         import mlflow
 
         from tlcm import tracking
+        from tlcm.packaging import lora_folder
 
         mlflow.set_tracking_uri(tracking.tracking_uri())
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tempfile.mkdtemp(prefix="tlcm-lora-")))
+        return lora_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=ref,
+                                                                    dst_path=tempfile.mkdtemp(prefix="tlcm-lora-"))))
     return Path(ref)
 
 

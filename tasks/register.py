@@ -1,5 +1,7 @@
 """Stage ``register``: the pipeline's final artifact becomes a registered MLflow model version.
 
+The version is an MLflow Model (``pyfunc``, :mod:`tlcm.packaging`): ``mlflow.pyfunc.load_model`` and
+``mlflow models serve`` sample it with the TLCMScheduler (CFG off, the gate's step count) from prompts.
 Each completed run adds a version of ``register.model_name`` with a model card (its
 description and ``model/README.md``) and the alias ``candidate``. ``champion`` is set only by
 :func:`promote` (``tlcm promote VERSION``), which checks the version's own benchmark against
@@ -20,6 +22,7 @@ from pathlib import Path
 import yaml
 
 from tlcm import tracking
+from tlcm.packaging import example_prompt, save_pyfunc
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError, atomic_write_json, read_json
@@ -71,7 +74,8 @@ def model_card(params: Params, paths: Paths, bench: dict, artifact_sha: str | No
         "TLCM pipeline output (arXiv 2406.05768: data-free distillation of a latent diffusion model into a few-step "
         "sampler).",
         "",
-        f"- **artifact**: `{final_artifact(paths).name}/` (content sha256 `{artifact_sha}`)",
+        f"- **LoRA**: `{final_artifact(paths).name}/` (content sha256 `{artifact_sha}`), in the version as "
+        "`artifacts/lora/`; the version is an MLflow pyfunc model (TLCMScheduler, CFG off)",
         f"- **teacher**: {teacher_desc}",
         f"- **preset**: `{params.preset}`",
         f"- **git commit**: `{tracking.git_commit()}`",
@@ -92,18 +96,58 @@ def model_card(params: Params, paths: Paths, bench: dict, artifact_sha: str | No
     for s in NAMES:
         if s in data:
             lines += [f"### {s}", "", "```yaml", yaml.safe_dump(data[s], sort_keys=False).rstrip(), "```", ""]
-    lines += [
+    lines += use_section(params, paths)
+    return "\n".join(lines)
+
+
+def serve_steps(params: Params) -> int:
+    """The step count a version samples at by default: the one its promotion gate judges (if TLCM can take it)."""
+    n = params.register.gates.steps
+    return n if 1 <= n <= 8 else 4
+
+
+def use_section(params: Params, paths: Paths) -> list[str]:
+    """The card's "Use" section: Python that runs as written on a machine that sees this tracking store
+    (the tests execute it)."""
+    name, n = params.register.model_name, serve_steps(params)
+    uri, prompt = tracking.redact(tracking.tracking_uri()), example_prompt(params, paths)
+    bundled = params.teacher.source == "train"
+    return [
         "## Use",
+        "",
+        f"As an MLflow model (TLCMScheduler, {n} steps and CFG off are the defaults; params `num_inference_steps` "
+        "1..8, `seed`, `height`, `width`, `guidance_scale`), one PNG per prompt:",
         "",
         "```python",
         "import mlflow",
-        "from diffusers import StableDiffusionXLPipeline",
-        f'folder = mlflow.artifacts.download_artifacts("models:/{params.register.model_name}@champion")',
-        "pipe = StableDiffusionXLPipeline.from_pretrained(folder)",
+        f'mlflow.set_tracking_uri("{uri}")',
+        f'model = mlflow.pyfunc.load_model("models:/{name}@{CHAMPION}")',
+        f'pngs = model.predict([{prompt!r}], params={{"num_inference_steps": {n}}})',
+        'open("sample.png", "wb").write(pngs[0])',
         "```",
         "",
+        "In diffusers (the version's folders: `artifacts/lora`, the LoRA; `artifacts/scheduler`, the TLCMScheduler "
+        "config; `code/models`, its class" + ("; `artifacts/base`, the base pipeline):" if bundled else "):"),
+        "",
+        "```python",
+        "import sys",
+        "import mlflow",
+        "from diffusers import StableDiffusionXLPipeline",
+        f'mlflow.set_tracking_uri("{uri}")',
+        f'folder = mlflow.artifacts.download_artifacts("models:/{name}@{CHAMPION}")',
+        'sys.path.insert(0, f"{folder}/code")',
+        "from models.scheduler import TLCMScheduler",
+        ('pipe = StableDiffusionXLPipeline.from_pretrained(f"{folder}/artifacts/base")' if bundled else
+         f'pipe = StableDiffusionXLPipeline.from_pretrained({params.teacher.source!r})'),
+        'pipe.load_lora_weights(f"{folder}/artifacts/lora")',
+        'pipe.scheduler = TLCMScheduler.from_pretrained(f"{folder}/artifacts/scheduler")',
+        f"image = pipe({prompt!r}, num_inference_steps={n}, guidance_scale=1.0).images[0]",
+        "```",
+        "",
+        "ComfyUI / Automatic1111: `tlcm export --format kohya models:/" + name + "@" + CHAMPION +
+        " --out tlcm.safetensors` (see the project README).",
+        "",
     ]
-    return "\n".join(lines)
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -128,9 +172,13 @@ def run(params: Params, paths: Paths) -> dict:
     row = gate_row(bench, params)
     if row:
         tags.update({f"tlcm.gate_row.{k}": _fmt(row[k]) for k in ("alignment", "frechet", "sec_per_image") if k in row})
-    mv = tracking.register_directory(params.register.model_name, artifact, card, tags,
-                                     files=[paths.benchmark / "benchmark.json", paths.benchmark / "benchmark.md",
-                                            paths.benchmark / "samples.png"], aliases=(CANDIDATE,))
+    with tempfile.TemporaryDirectory(prefix="tlcm-model-") as tmp:
+        model_dir = Path(tmp) / "model"
+        config = save_pyfunc(params, paths, artifact, model_dir, serve_steps(params))
+        tags["tlcm.base"] = config["kind"]
+        mv = tracking.register_directory(params.register.model_name, model_dir, card, tags,
+                                         files=[paths.benchmark / "benchmark.json", paths.benchmark / "benchmark.md",
+                                                paths.benchmark / "samples.png"], aliases=(CANDIDATE,))
     record = {"registered": True, "model_name": params.register.model_name, "version": int(mv.version),
               "run_id": mv.run_id, "source": mv.source, "alias": CANDIDATE, "artifact_sha256": sha}
     atomic_write_json(out, record)

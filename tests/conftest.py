@@ -45,6 +45,24 @@ def student_chain(smoke_artifacts, smoke_params):
     return smoke_artifacts
 
 
+@pytest.fixture(scope="session")
+def perturbed_lora(smoke_artifacts, tmp_path_factory):
+    """A student LoRA folder on the smoke teacher whose weights visibly change the UNet (random A and B,
+    not the zero-B start), saved as the stages save it: a dropped or mis-scaled module shows in the output."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from models.lora import add_lora, lora_parameters
+    from tlcm.lora_io import save_lora
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(smoke_artifacts.teacher)
+    add_lora(pipe.unet, rank=4)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(pipe.unet):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return save_lora(tmp_path_factory.mktemp("lora") / "lora_test", pipe.unet, {"stage": "test", "teacher": "train"})
+
+
 def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     e = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "tlcm.cli", *args], cwd=cwd, env=e, capture_output=True, text=True,

@@ -118,9 +118,19 @@ class SeaweedS3:
 
 
 def fake_outputs(paths, alignment: float = 0.8, frechet: float = 2.0) -> None:
-    """A final artifact folder (the shipped LoRA) and a benchmark, shaped as the dmgan and evaluate stages write them."""
+    """A final artifact folder (the shipped LoRA), a benchmark and the config files of a teacher folder, shaped
+    as the dmgan, evaluate and teacher stages write them (registration reads configs, never weights)."""
+    from diffusers import EulerDiscreteScheduler
     from safetensors.torch import save_file
     import torch
+
+    from models.sdxl_shaped import SDXL_SCHEDULER_CONFIG
+
+    for sub, cfg in (("unet", {"sample_size": 16}), ("vae", {"block_out_channels": [8, 16]})):
+        (paths.teacher / sub).mkdir(parents=True)
+        (paths.teacher / sub / "config.json").write_text(json.dumps(cfg))
+    (paths.teacher / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG).save_config(paths.teacher / "scheduler")
 
     lora = paths.lora("dmgan")
     lora.mkdir(parents=True)
@@ -134,3 +144,22 @@ def fake_outputs(paths, alignment: float = 0.8, frechet: float = 2.0) -> None:
              "sec_per_image": 0.3, "unet_evals": 2}]
     (paths.benchmark / "benchmark.json").write_text(json.dumps({"meta": {}, "rows": rows}))
     (paths.benchmark / "benchmark.md").write_text("| method |\n")
+
+
+def listeners(ports: set[int]) -> list[tuple[str, int]]:
+    """(ip, port) of the listening TCP sockets on ``ports`` (from /proc/net/tcp and tcp6)."""
+    rows = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            ip_hex, port_hex = local.split(":")
+            port = int(port_hex, 16)
+            if state != "0A" or port not in ports:
+                continue
+            if len(ip_hex) == 8:
+                ip = ".".join(str(int(ip_hex[i:i + 2], 16)) for i in (6, 4, 2, 0))
+            else:
+                ip = "::" if set(ip_hex) == {"0"} else ("::1" if ip_hex.endswith("01000000") and set(ip_hex[:24]) == {"0"}
+                                                     else ip_hex)
+            rows.append((ip, port))
+    return rows

@@ -30,7 +30,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
-from servers import BIN, S3_KEY, S3_SECRET, SeaweedS3, fake_outputs, free_port, start, stop_all, wait_until
+from servers import (BIN, S3_KEY, S3_SECRET, SeaweedS3, fake_outputs, free_port, listeners, start, stop_all,
+                     wait_until)
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -370,6 +371,53 @@ def test_prefect_deployment_runs_registers_and_caches(stack, project, deployment
     assert len(versions(stack)) == len(before) + 2
 
 
+# ---- the registered version is an MLflow Model ------------------------------------------------------
+
+PROMPT = "a red circle left of a blue square on a white background"
+
+
+def _png(data: bytes):
+    import io
+
+    from PIL import Image
+
+    im = Image.open(io.BytesIO(data))
+    assert im.format == "PNG" and im.mode == "RGB"
+    return im
+
+
+def test_candidate_is_an_mlflow_model_that_predicts_images(stack, project, monkeypatch, tmp_path):
+    """``mlflow.pyfunc.load_model("models:/tlcm-shapes@candidate").predict([...])`` from another folder, through the
+    tracking server (artifacts on S3): the base model, LoRA and TLCMScheduler all come from the version."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_uri)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(stack.mlflow_uri)
+    try:
+        uri = f"models:/{MODEL}@candidate"
+        info = mlflow.models.get_model_info(uri)
+        defaults = {p.name: p.default for p in info.signature.params.params}
+        from tlcm.params import load_params
+
+        steps = load_params(project / "params.yaml").register.gates.steps
+        assert defaults["num_inference_steps"] == steps and defaults["guidance_scale"] == 1.0
+        assert info.saved_input_example_info["type"] == "json_object"
+        model = mlflow.pyfunc.load_model(uri)
+        pipe = model.unwrap_python_model().pipe
+        assert type(pipe.scheduler).__name__ == "TLCMScheduler" and pipe.scheduler.config.renoise == "fresh"
+        assert pipe.config._name_or_path.endswith("artifacts/base") and str(project) not in pipe.config._name_or_path
+        images = model.predict([PROMPT])
+        assert len(images) == 1 and _png(images[0]).size == (32, 32)
+        two = [PROMPT, "a small red cross on the left on a black background"]
+        a, b = model.predict(two, params={"seed": 7}), model.predict(two, params={"seed": 7})
+        assert a == b and len(a) == 2 and model.predict([PROMPT], params={"seed": 8, "num_inference_steps": 2})[0] != a[0]
+        with pytest.raises(Exception, match=r"1\.\.8 steps"):
+            model.predict([PROMPT], params={"num_inference_steps": 9})
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 # ---- registry: promotion and concurrency ----------------------------------------------------
 
 def tlcm(project, env, *args) -> subprocess.CompletedProcess:
@@ -388,6 +436,77 @@ def test_promote_refuses_failing_gates_and_forces(stack, project):
     assert r.returncode == 0, r.stderr
     assert int(c.get_model_version_by_alias(MODEL, "champion").version) == v
     assert c.get_model_version(MODEL, str(v)).tags["tlcm.promotion_forced"] == "true"
+
+
+def test_champion_is_served_over_http(stack, project, tmp_path):
+    """``mlflow models serve -m models:/tlcm-shapes@champion --env-manager local`` on 127.0.0.1 answers
+    ``/invocations`` with base64 PNGs, and a step count outside 1..8 with a 400 that names the range."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    port = free_port()
+    proc = start([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion", "--env-manager", "local",
+                  "-h", "127.0.0.1", "-p", str(port), "-w", "1"], tmp_path / "serve.log",
+                 env=project_env(stack, project), cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+
+    def post(body: dict):
+        req = urllib.request.Request(f"{url}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:  # noqa: S310 - local test server
+            return json.loads(r.read())
+
+    try:
+        wait_until(lambda: _get(f"{url}/ping"), "mlflow models serve", 300, proc, tmp_path / "serve.log")
+        assert {ip for ip, _ in listeners({port})} == {"127.0.0.1"}
+        preds = post({"inputs": [PROMPT, "a small red cross on the left on a black background"],
+                      "params": {"num_inference_steps": 2, "seed": 1}})["predictions"]
+        assert len(preds) == 2 and all(_png(base64.b64decode(p)).size == (32, 32) for p in preds)
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post({"inputs": [PROMPT], "params": {"num_inference_steps": 9}})
+        assert e.value.code == 400 and "1..8 steps" in e.value.read().decode()
+    finally:
+        stop_all([proc])
+
+
+def test_docs_run_against_the_registered_version(stack, project):
+    """The README's Python, the champion's model card and the TLCMScheduler docstring example, run as written
+    in the project folder (``artifacts/`` from `dvc repro`, MLflow = the tracking server)."""
+    from doc_snippets import docstring_example, python_blocks, run_snippets
+
+    card = mlflow_client(stack).get_model_version_by_alias(MODEL, "champion").description
+    readme = python_blocks((project / "README.md").read_text())
+    card_blocks = python_blocks(card)
+    assert len(readme) >= 3 and len(card_blocks) == 2 and "mlflow.pyfunc.load_model" in card_blocks[0]
+    import models.scheduler
+
+    snippets = ([{"name": f"README block {i + 1}", "code": c} for i, c in enumerate(readme)]
+                + [{"name": f"model card block {i + 1}", "code": c} for i, c in enumerate(card_blocks)]
+                + [{"name": "TLCMScheduler docstring", "code": docstring_example(models.scheduler.__doc__),
+                    "globals": {"teacher": "artifacts/teacher", "lora": "artifacts/lora_dmgan"}}])
+    results = run_snippets(snippets, project, project_env(stack, project))
+    assert set(results) == {s["name"] for s in snippets}
+    failed = {k: v for k, v in results.items() if v != "ok"}
+    assert not failed, "\n\n".join(f"{k}:\n{v}" for k, v in failed.items())
+
+
+def test_export_of_the_champion_loads_in_diffusers(stack, project, tmp_path):
+    """`tlcm export --format kohya models:/tlcm-shapes@champion` gives the file ComfyUI/A1111 load; diffusers
+    loads it (its kohya converter) to the same UNet as the pipeline's own LoRA folder."""
+    r = tlcm(project, project_env(stack, project), "export", f"models:/{MODEL}@champion", "--format", "kohya",
+             "--out", str(tmp_path / "tlcm.safetensors"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    code = (f"import torch; from diffusers import StableDiffusionXLPipeline; from models.denoiser import Denoiser, encode_prompts\n"
+            f"def eps(lora):\n"
+            f"    p = StableDiffusionXLPipeline.from_pretrained('artifacts/teacher'); p.load_lora_weights(lora)\n"
+            f"    g = torch.Generator().manual_seed(0); z = torch.randn(1, 4, 16, 16, generator=g)\n"
+            f"    return Denoiser(p.unet, None).eps(z, torch.tensor([600]), encode_prompts(p, [{PROMPT!r}])).detach()\n"
+            f"print('MAXDIFF', (eps({str(tmp_path / 'tlcm.safetensors')!r}) - eps('artifacts/lora_dmgan')).abs().max().item())")
+    r = run([sys.executable, "-c", code], project, project_env(stack, project))
+    assert r.returncode == 0, r.stderr[-3000:]
+    diff = float(r.stdout.split("MAXDIFF")[1])
+    print(f"kohya export of the champion vs artifacts/lora_dmgan: max |Δε| = {diff:.2e}")
+    assert diff <= 1e-4
 
 
 def test_two_registrations_at_once_get_distinct_versions(stack, project, tmp_path):
@@ -412,25 +531,6 @@ def test_two_registrations_at_once_get_distinct_versions(stack, project, tmp_pat
 def test_servers_bind_loopback_only(stack):
     """Every port the started servers listen on is bound to 127.0.0.1 (nothing on 0.0.0.0 or ::)."""
     ports = {stack.prefect_port, stack.mlflow_port, stack.s3.port, *stack.s3.ports.values()}
-    found = _listeners(ports)
+    found = listeners(ports)
     assert {stack.prefect_port, stack.mlflow_port, stack.s3.port} <= {p for _, p in found}, found
     assert all(ip == "127.0.0.1" for ip, _ in found), found
-
-
-def _listeners(ports: set[int]) -> list[tuple[str, int]]:
-    """(ip, port) of the listening TCP sockets on ``ports`` (from /proc/net/tcp and tcp6)."""
-    rows = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            ip_hex, port_hex = local.split(":")
-            port = int(port_hex, 16)
-            if state != "0A" or port not in ports:
-                continue
-            if len(ip_hex) == 8:
-                ip = ".".join(str(int(ip_hex[i:i + 2], 16)) for i in (6, 4, 2, 0))
-            else:
-                ip = "::" if set(ip_hex) == {"0"} else ("::1" if ip_hex.endswith("01000000") and set(ip_hex[:24]) == {"0"}
-                                                     else ip_hex)
-            rows.append((ip, port))
-    return rows

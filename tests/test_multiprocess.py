@@ -129,6 +129,7 @@ OTHER_STAGES = {
     "reward": ("reward", {"batch_size": 8}),  # a loss over the whole batch: gathered embeddings
     "mps": ("lora_mps", {"batch_size": 4}),
     "dmgan": ("lora_dmgan", {"batch_size": 4, "critic_updates": 2}),
+    "controlnet": ("controlnet", {"batch_size": 4}),
 }
 # Tolerance: max |Δ| over the saved tensors < a quarter of one AdamW step (lr 1e-3: Adam's first
 # steps move a weight by up to ~lr, whatever its gradient's size, so float32 summation-order noise in

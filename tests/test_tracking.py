@@ -111,8 +111,10 @@ def test_register_versions_with_model_card_and_promotion_gates(mlflow_store, tmp
                    "dvc.lock", "teacher_steps"):
         assert needle in card, needle
     files = {f.path for f in c.list_artifacts(mv.run_id, "model")}
-    assert {"model/README.md", "model/pytorch_lora_weights.safetensors", "model/tlcm_lora.json",
-            "model/benchmark.json"} <= files
+    assert {"model/README.md", "model/MLmodel", "model/artifacts", "model/code", "model/benchmark.json"} <= files
+    lora = {f.path for f in c.list_artifacts(mv.run_id, "model/artifacts/lora")}
+    assert lora == {"model/artifacts/lora/pytorch_lora_weights.safetensors", "model/artifacts/lora/tlcm_lora.json"}
+    assert "mlflow.pyfunc.load_model" in card and mv.tags["tlcm.base"] == "bundle"
 
     # gates: alignment 0.25 < 0.5 (params.yaml) -> refused, with the numbers
     with pytest.raises(PromotionRefused, match=r"alignment 0.2500 < min_alignment 0.5"):

@@ -12,7 +12,9 @@ COLUMNS = [("method", "method"), ("steps", "steps"), ("guidance", "CFG w"), ("al
            ("acc_colour", "colour"), ("acc_shape", "shape"), ("acc_size", "size"), ("acc_layout", "position/relation"),
            ("acc_background", "bg"), ("frechet", "Fréchet"), ("reward", "reward"), ("sec_per_image", "s/img"),
            ("speedup_vs_teacher", "speed-up vs teacher-25"), ("unet_evals", "UNet evals/img"),
-           ("train_cpu_minutes", "train CPU-min"), ("real_images_used", "real images")]
+           ("train_cpu_minutes", "train CPU-min"), ("real_images_used", "real images"),
+           ("agree_teacher", "agrees w/ teacher"), ("layout_kept", "layout kept"), ("edge_iou", "edge IoU"),
+           ("max_abs_diff", "max |Δ| vs benchmark sampler")]
 SHORT_COLUMNS = ("method", "steps", "guidance", "alignment", "alignment_se", "frechet", "reward", "sec_per_image",
                  "unet_evals")
 
@@ -24,7 +26,7 @@ def standard_error(p: float, n: int) -> float:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+        return f"{v:.1e}" if 0 < abs(v) < 1e-3 else f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
     return str(v)
 
 

@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(dv)
     dv.add_argument("--check", action="store_true", help="write nothing; exit 1 if dvc.yaml differs from the declarations")
 
+    ex = sub.add_parser("export", help="write the shipped LoRA for other tools: a diffusers folder, a peft folder "
+                        "(official TLCM inference) or one kohya .safetensors (ComfyUI, Automatic1111)")
+    _common(ex)
+    ex.add_argument("source", nargs="?", default=None, help="a LoRA folder or a registered version "
+                    "(models:/tlcm-shapes@champion); default: the shipped LoRA under --artifacts")
+    ex.add_argument("--format", required=True, choices=("diffusers", "peft", "kohya"))
+    ex.add_argument("--out", required=True, help="output folder (diffusers, peft) or .safetensors file (kohya)")
+    ex.add_argument("--teacher", default=None, help="the base model (kohya names need its UNet config); default: "
+                    "the version's own base, else teacher.source from params")
+
     pp = sub.add_parser("params", help="print the resolved params (after the preset overlay)")
     _common(pp)
 
@@ -137,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
 
             res = promote(args.version, params, force=args.force)
             print(f"{res.model_name} version {res.version} -> champion" + (" (forced past failing gates)" if res.forced else ""))
+        elif args.cmd == "export":
+            from tasks.register import final_artifact
+            from tlcm.export import export
+            from tlcm.teacher_io import resolve_teacher
+
+            teacher = args.teacher or resolve_teacher(params.teacher.source, paths.teacher)
+            print(export(args.source or str(final_artifact(paths)), args.format, Path(args.out), teacher))
         elif args.cmd == "convert-mps":
             from tlcm.reward_io import convert_mps
 

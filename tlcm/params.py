@@ -286,6 +286,31 @@ class DmganParams(TechniqueParams):
         return v
 
 
+class ControlNetParams(Section):
+    """Stage `controlnet`: ``ControlNetModel.from_unet`` of the teacher, trained briefly on edge maps of renders
+    (paper §A.2 uses the LoRA with a ControlNet made for the base model). Shapes world only."""
+    enabled: bool = Field(True, description="false: the stage records that it skipped; no ControlNet rows")
+    seed: int = 11
+    steps: int = Field(120, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    cond_drop: float = Field(0.5, ge=0, le=1, description="caption dropout, so that the control alone carries layout")
+    checkpoint_every: int = Field(60, gt=0)
+    max_minutes: float = Field(0.0, ge=0)
+
+
+class ApplicationsParams(Section):
+    """The paper's §A.2 applications in the benchmark (`evaluate`, :mod:`tasks.applications`): img2img,
+    inpainting and ControlNet with the shipped LoRA and TLCMScheduler vs the teacher at ``teacher_steps``,
+    and the agreement of the stock diffusers sampling paths with the benchmark's own sampler."""
+    enabled: bool = True
+    n_prompts: int = Field(64, gt=0, description="held-out prompts (the first n of the eval set)")
+    steps: tuple[int, ...] = Field((2, 4), description="TLCM denoising steps run (1..8)")
+    teacher_steps: int = Field(25, gt=0, description="the reference: teacher DDIM + CFG (evaluate.guidance_scale)")
+    img2img_strength: float = Field(0.5, ge=0.5, le=0.8)
+    controlnet_scale: float = Field(1.0, ge=0)
+
+
 class PromptsParams(Section):
     """Where the data-free stages get their prompts (the only training data TLCM needs)."""
     source: str = Field("world", description="'world' = shapes-world train prompts; else a local .txt (one per line), "
@@ -327,7 +352,9 @@ with warnings.catch_warnings():
         reward: RewardParams = RewardParams()
         mps: MpsParams = MpsParams()
         dmgan: DmganParams = DmganParams()
+        controlnet: ControlNetParams = ControlNetParams()
         evaluate: EvaluateParams = EvaluateParams()
+        applications: ApplicationsParams = ApplicationsParams()
         suite: SuiteParams = SuiteParams()
         register: RegisterParams = RegisterParams()
 

@@ -37,6 +37,10 @@ class Paths:
         return self.root / "teacher"
 
     @property
+    def controlnet(self) -> Path:
+        return self.root / "controlnet"
+
+    @property
     def benchmark(self) -> Path:
         return self.root / "benchmark"
 

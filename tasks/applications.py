@@ -1,0 +1,192 @@
+"""Benchmark rows for the paper's §A.2 applications and for the stock sampling paths (the `evaluate`
+stage calls :func:`benchmark_rows` once and appends what it returns to its table).
+
+On the first ``applications.n_prompts`` held-out prompts, with the real render of each prompt as the
+input picture, three diffusers pipelines run with the shipped LoRA (fused, ``TLCMScheduler``, CFG off) at
+``applications.steps`` denoising steps, and with the teacher (DDIM, CFG ``evaluate.guidance_scale``) at
+``applications.teacher_steps``, the reference:
+
+- ``StableDiffusionXLImg2ImgPipeline`` at ``img2img_strength`` (0.5: the last half of the schedule);
+- ``StableDiffusionXLInpaintPipeline`` with the right half of the picture masked (strength 1);
+- ``StableDiffusionXLControlNetPipeline`` with the `controlnet` stage's ControlNet and the render's edge
+  map as the control (and the same student without it, to show what the control does).
+
+Columns, all read by the independent evaluator except ``edge_iou``: ``alignment`` (every prompted
+attribute recognised), ``agree_teacher`` (the evaluator reads the same attributes as in the teacher's
+picture for the same input and prompt), ``layout_kept`` (img2img: the layout read in the input is read in
+the output), ``edge_iou`` (ControlNet: edge map of the output vs the control, intersection over union).
+
+Stock paths (item 6 of issue 13): from the same z_T and the same noise generator, the shipped LoRA at 4
+steps through the benchmark's own sampler (:func:`models.sampling.sample_with_scheduler`, which every
+TLCM row of the benchmark uses), through a plain ``StableDiffusionXLPipeline`` with ``TLCMScheduler``,
+and through stock ``LCMScheduler`` with ``timesteps=[999, 749, 499, 124]``; ``max_abs_diff`` is the
+largest difference of their final latents from the benchmark sampler's.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from models.controlnet import edge_map
+from models.denoiser import Denoiser, encode_prompts
+from models.evaluator import attribute_correct
+from models.sampling import sample_with_scheduler, unet_evals
+from models.scheduler import TLCMScheduler, tlcm_timesteps
+from tasks.evaluator import aligned, labels_tensor
+from tasks.generate import decode, initial_noise, load_student_pipe
+from tlcm import render as R
+from tlcm import world as W
+from tlcm.params import Params
+from tlcm.paths import Paths
+from tlcm.teacher_io import load_teacher, resolve_teacher
+
+log = logging.getLogger("tlcm")
+
+SHIPPED = "dmgan"
+STOCK_STEPS = 4
+
+
+@torch.no_grad()
+def agreement(net, images: torch.Tensor, reference: torch.Tensor, specs: list[W.Spec]) -> dict[str, float]:
+    """Fraction of images whose evaluator reading equals the reading of ``reference`` (on the attributes
+    each prompt names): ``all`` groups, and ``layout`` alone."""
+    wanted = labels_tensor(specs)
+    ref = {k: torch.where(wanted[k] >= 0, lg.argmax(-1), -1) for k, lg in net(reference).items()}
+    ok = attribute_correct(net(images), ref)
+    return {"all": ok["all"].float().mean().item(), "layout": ok["layout"].float().mean().item()}
+
+
+def edge_iou(images: torch.Tensor, control: torch.Tensor) -> float:
+    a, b = edge_map(images)[:, 0] > 0, control[:, 0] > 0
+    return ((a & b).sum((1, 2)) / (a | b).sum((1, 2)).clamp(min=1)).mean().item()
+
+
+def _uint8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+def img2img_inference_steps(steps: int, strength: float) -> int:
+    """The smallest ``num_inference_steps`` n (1..8) for which img2img at ``strength`` runs ``steps`` steps
+    (diffusers runs the last ⌊n · strength⌋ timesteps of the n-step schedule)."""
+    for n in range(1, 9):
+        if int(n * strength) == steps:
+            return n
+    raise ValueError(f"applications.steps: img2img at strength {strength} cannot run {steps} TLCM steps "
+                     "(the table has 1..8 steps); pick other steps or applications.img2img_strength")
+
+
+def _run(pipe, prompts, bs: int, seed: int, **kw) -> np.ndarray:
+    """A diffusers pipeline over ``prompts`` in batches (per-batch inputs sliced), uint8 (N, H, W, 3)."""
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for i in range(0, len(prompts), bs):
+        sl = {k: (v[i:i + bs] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        res = pipe(prompts[i:i + bs], generator=torch.Generator().manual_seed(seed + i), output_type="np", **sl)
+        out.append(_uint8(res.images))
+    return np.concatenate(out)
+
+
+def application_images(kind: str, pipe, prompts, x, steps: int, w: float, bs: int, seed: int, a, controlnet=None):
+    """Images of one application (``img2img``, ``inpaint``, ``controlnet``) through its diffusers pipeline."""
+    from diffusers import (StableDiffusionXLControlNetPipeline, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLInpaintPipeline)
+
+    side = x.shape[-1]
+    if kind == "img2img":
+        n = steps if w != 1.0 else img2img_inference_steps(steps, a.img2img_strength)
+        p = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+        return _run(p, prompts, bs, seed, image=x, strength=a.img2img_strength, num_inference_steps=n, guidance_scale=w)
+    if kind == "inpaint":
+        mask = torch.zeros(len(prompts), 1, side, side)
+        mask[..., side // 2:] = 1.0  # repaint the right half
+        p = StableDiffusionXLInpaintPipeline.from_pipe(pipe)
+        return _run(p, prompts, bs, seed, image=x, mask_image=mask, strength=1.0, num_inference_steps=steps,
+                    guidance_scale=w, height=side, width=side)
+    p = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    return _run(p, prompts, bs, seed, image=edge_map(x), controlnet_conditioning_scale=a.controlnet_scale,
+                num_inference_steps=steps, guidance_scale=w, height=side, width=side)
+
+
+@torch.no_grad()
+def stock_path_rows(student, net, specs, prompts, label: str, seed: int) -> list[dict]:
+    """The benchmark sampler vs plain diffusers (TLCMScheduler) vs stock LCMScheduler(timesteps=...)."""
+    from diffusers import LCMScheduler, StableDiffusionXLPipeline
+
+    side = student.unet.config.sample_size
+    z_T = initial_noise(len(prompts), (student.unet.config.in_channels, side, side), seed)
+    gen = lambda: torch.Generator().manual_seed(seed + 1)  # noqa: E731 - the same noise stream for every path
+    ts = tlcm_timesteps(STOCK_STEPS)
+    ours = sample_with_scheduler(Denoiser(student.unet, student.scheduler.alphas_cumprod), encode_prompts(student, prompts),
+                                 TLCMScheduler.from_config(student.scheduler.config), STOCK_STEPS, z_T, 1.0, gen())
+    plain = StableDiffusionXLPipeline.from_pipe(student, scheduler=TLCMScheduler.from_config(student.scheduler.config))
+    lcm = StableDiffusionXLPipeline.from_pipe(student, scheduler=LCMScheduler.from_config(student.scheduler.config))
+    for p in (plain, lcm):
+        p.set_progress_bar_config(disable=True)
+    paths = {
+        f"{label}: benchmark sampler (models.sampling + TLCMScheduler)": ours,
+        f"{label}: StableDiffusionXLPipeline + TLCMScheduler": plain(
+            prompts, num_inference_steps=STOCK_STEPS, guidance_scale=1.0, latents=z_T.clone(), generator=gen(),
+            output_type="latent").images,
+        f"{label}: StableDiffusionXLPipeline + LCMScheduler(timesteps={ts})": lcm(
+            prompts, timesteps=ts, guidance_scale=1.0, latents=z_T.clone(), generator=gen(), output_type="latent").images,
+    }
+    rows = []
+    for method, z0 in paths.items():
+        images = R.to_unit_tensor(decode(student, z0))
+        rows.append({"method": method, "kind": "stock_path", "steps": STOCK_STEPS, "guidance": 1.0, "unet_evals": STOCK_STEPS,
+                     "alignment": aligned(net, images, specs).float().mean().item(),
+                     "max_abs_diff": (z0 - ours).abs().max().item(), "real_images_used": 0})
+    log.info("applications: stock paths vs benchmark sampler, max |Δ latents| %s",
+             ", ".join(f"{r['max_abs_diff']:.2e}" for r in rows[1:]))
+    return rows
+
+
+@torch.no_grad()
+def benchmark_rows(params: Params, paths: Paths, net, specs: list[W.Spec]) -> list[dict]:
+    """Every application row and the stock-path rows (empty when ``applications.enabled`` is false)."""
+    a, e = params.applications, params.evaluate
+    if not a.enabled:
+        return []
+    specs = specs[:a.n_prompts]
+    prompts = [s.caption() for s in specs]
+    x = R.to_unit_tensor(R.render_batch(specs, e.seed + 21, params.world.image_size))
+    source = resolve_teacher(params.teacher.source, paths.teacher)
+    student = load_student_pipe(source, paths.lora(SHIPPED))
+    label = f"TLCM after {SHIPPED}"
+    rows = stock_path_rows(student, net, specs, prompts, label, e.seed)
+    teacher = load_teacher(source)
+    from diffusers import ControlNetModel, DDIMScheduler
+
+    teacher.scheduler = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing",
+                                                  clip_sample=False)
+    has_cn = (paths.controlnet / "config.json").is_file()
+    cn = ControlNetModel.from_pretrained(paths.controlnet).eval() if has_cn else None
+    for kind in ("img2img", "inpaint") + (("controlnet",) if has_cn else ()):
+        log.info("applications: %s, teacher %d steps and TLCM %s steps, %d prompts", kind, a.teacher_steps,
+                 list(a.steps), len(prompts))
+        ref = application_images(kind, teacher, prompts, x, a.teacher_steps, e.guidance_scale, e.batch_size, e.seed, a, cn)
+        runs = [(f"{kind}: teacher DDIM + CFG", a.teacher_steps, e.guidance_scale, ref)]
+        runs += [(f"{kind}: {label}", n, 1.0, application_images(kind, student, prompts, x, n, 1.0, e.batch_size,
+                                                                   e.seed, a, cn)) for n in a.steps]
+        if kind == "controlnet":  # the same student without the control
+            from tasks.generate import student_samples
+
+            runs += [(f"controlnet: {label}, no ControlNet", n, 1.0,
+                      student_samples(student, prompts, n, e.seed, e.batch_size, student.scheduler).images)
+                     for n in a.steps]
+        ref_t = R.to_unit_tensor(ref)
+        for method, n, w, imgs in runs:
+            t = R.to_unit_tensor(imgs)
+            run_steps = int(n * a.img2img_strength) if kind == "img2img" and w != 1.0 else n
+            row = {"method": method, "kind": "application", "steps": run_steps, "guidance": w,
+                   "unet_evals": unet_evals(run_steps, w),
+                   "alignment": aligned(net, t, specs).float().mean().item(),
+                   "agree_teacher": agreement(net, t, ref_t, specs)["all"], "real_images_used": 0}
+            if kind == "img2img":
+                row["layout_kept"] = agreement(net, t, x, specs)["layout"]
+            if kind == "controlnet":
+                row["edge_iou"] = edge_iou(t, edge_map(x))
+            rows.append(row)
+    return rows
