@@ -31,7 +31,7 @@ import torch
 
 from models.controlnet import edge_map
 from models.denoiser import Denoiser, encode_prompts
-from models.evaluator import attribute_correct
+from models.evaluator import PROMPTED_HEADS, attribute_correct
 from models.sampling import sample_with_scheduler, unet_evals
 from models.scheduler import TLCMScheduler, tlcm_timesteps
 from tasks.evaluator import aligned, labels_tensor
@@ -53,7 +53,8 @@ def agreement(net, images: torch.Tensor, reference: torch.Tensor, specs: list[W.
     """Fraction of images whose evaluator reading equals the reading of ``reference`` (on the attributes
     each prompt names): ``all`` groups, and ``layout`` alone."""
     wanted = labels_tensor(specs)
-    ref = {k: torch.where(wanted[k] >= 0, lg.argmax(-1), -1) for k, lg in net(reference).items()}
+    logits = net(reference)
+    ref = {k: torch.where(wanted[k] >= 0, logits[k].argmax(-1), -1) for k in PROMPTED_HEADS}
     ok = attribute_correct(net(images), ref)
     return {"all": ok["all"].float().mean().item(), "layout": ok["layout"].float().mean().item()}
 
