@@ -146,16 +146,20 @@ def stock_path_rows(student, net, specs, prompts, label: str, seed: int) -> list
 
 @torch.no_grad()
 def benchmark_rows(params: Params, paths: Paths, net, specs: list[W.Spec]) -> list[dict]:
-    """Every application row and the stock-path rows (empty when ``applications.enabled`` is false)."""
+    """Every application row and the stock-path rows, with the last student stage the benchmark evaluates
+    (the shipped LoRA in a full run); empty when ``applications.enabled`` is false or no student is evaluated."""
     a, e = params.applications, params.evaluate
-    if not a.enabled:
+    stage = SHIPPED if SHIPPED in e.student_stages else (e.student_stages[-1] if e.student_stages else None)
+    if not a.enabled or stage is None:
+        log.info("applications: skipped (%s)", "applications.enabled is false" if not a.enabled
+                 else "evaluate.student_stages is empty")
         return []
     specs = specs[:a.n_prompts]
     prompts = [s.caption() for s in specs]
     x = R.to_unit_tensor(R.render_batch(specs, e.seed + 21, params.world.image_size))
     source = resolve_teacher(params.teacher.source, paths.teacher)
-    student = load_student_pipe(source, paths.lora(SHIPPED))
-    label = f"TLCM after {SHIPPED}"
+    student = load_student_pipe(source, paths.lora(stage))
+    label = f"TLCM after {stage}"
     rows = stock_path_rows(student, net, specs, prompts, label, e.seed)
     teacher = load_teacher(source)
     from diffusers import ControlNetModel, DDIMScheduler

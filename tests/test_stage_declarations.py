@@ -113,7 +113,7 @@ def test_every_list_of_stages_reads_the_declarations():
     assert list(next(a for a in sub["stage"]._actions if a.dest == "name").choices) == list(S.NAMES)
     assert list(STAGE_TASKS) == list(S.NAMES)
     assert MULTI_PROCESS_STAGES == {s.name for s in S.STAGES if s.multi_process}
-    assert S.downstream("teacher") == ("lcm_baseline", "mlcd", "ilcd", "mps", "dmgan", "evaluate", "register")
+    assert S.downstream("teacher") == ("controlnet", "lcm_baseline", "mlcd", "ilcd", "mps", "dmgan", "evaluate", "register")
 
 
 def test_tlcm_run_skips_a_stage_whose_identity_and_outputs_are_unchanged(tmp_path, smoke_params, caplog):

@@ -95,7 +95,7 @@ STAGES: tuple[Stage, ...] = (
           ("world", "evaluator", "teacher", "reward", "controlnet", *(f"lora_{s}" for s in LORA_STAGES),
            *(f"metrics/{s}.json" for s in LORA_STAGES)), ("benchmark",),
           caches=("suite",), desc="benchmark on held-out prompts (alignment, Frechet, reward, speed)"),
-    Stage("register", (ALL_PARAMS,), ("lora_dmgan", "benchmark"), (), cached=False,
+    Stage("register", (ALL_PARAMS,), ("teacher", "lora_dmgan", "benchmark"), (), cached=False,
           desc="the final artifact becomes an MLflow model version with alias `candidate`"),
 )
 
