@@ -79,7 +79,7 @@ STAGES: tuple[Stage, ...] = (
               ("latent_lpips",), "latent LPIPS trained on BAPPS 2AFC (paper 4.3)"),
     _training("reward", ("reward", "world", "teacher.text.max_length"), ("world",), ("reward",),
               "the MPS-interface reward model (a real MPS checkpoint when reward.source is a path)"),
-    _training("controlnet", ("controlnet", "teacher", "world"), ("world", "teacher"), ("controlnet",),
+    _training("controlnet", ("controlnet", *_TEACHER_USE, "world"), ("world", "teacher"), ("controlnet",),
               "paper A.2: ControlNetModel.from_unet of the teacher, trained briefly on edge maps (shapes world; else skipped)"),
     _training("lcm_baseline", ("lcm_baseline", *_LORA_PARAMS), _LORA_INPUTS, ("lora_lcm_baseline",),
               "the LCM-LoRA baseline: LCD over [0, T] in one segment"),
