@@ -276,7 +276,7 @@ def test_changed_inputs_rerun_exactly_what_they_touch(stack, project, stages):
     after = {d: _tree(art / d) for d in before}
     assert after["teacher"] != before["teacher"] and after["lora_mlcd"] != before["lora_mlcd"]
     assert after["bapps"] == before["bapps"]
-    downstream = ["lcm_baseline", "ilcd", "mps", "dmgan", "evaluate"]
+    downstream = ["controlnet", "lcm_baseline", "ilcd", "mps", "dmgan", "evaluate"]
     assert set(downstream) <= _dvc_status_stages(project, env)
 
     # 3. `tlcm run` retrains what the new teacher and LoRA touch, and only that; then it is a no-op
