@@ -18,8 +18,7 @@ from tasks.teacher import build_pipeline
 from tlcm import world as W
 from tlcm.params import load_params
 from tlcm.paths import Paths
-from tlcm.storage import Checkpointer
-from tlcm.training import fingerprint
+from tlcm.identity import checkpointer
 
 
 def main() -> None:
@@ -37,9 +36,9 @@ def main() -> None:
         head = CaptionHead(pipe.unet.config.cross_attention_dim, pipe.text_encoder_2.config.projection_dim,
                            {k: len(v) for k, v in W.LABEL_SPACES.items()})
         trainable += list(head.parameters())
-    found = Checkpointer(paths.checkpoints("teacher"), fingerprint(p, params.world, params.autoencoder)).load_latest()
+    found = checkpointer("teacher", params, paths).load_latest()  # the checkpoints of the current run identity
     if found is None:
-        raise SystemExit("no teacher checkpoint of these params")
+        raise SystemExit("no teacher checkpoint of this run identity (params, inputs, code)")
     step, state = found
     ema = EMAModel(trainable, decay=p.ema_decay)
     ema.load_state_dict(state["ema"])
