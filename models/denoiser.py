@@ -55,6 +55,11 @@ class Cond:
         t = lambda x: None if x is None else x[idx]  # noqa: E731
         return Cond(t(self.prompt_embeds), t(self.pooled), t(self.time_ids), t(self.neg_embeds), t(self.neg_pooled))
 
+    def to(self, dtype: torch.dtype) -> "Cond":
+        """Every tensor in ``dtype`` (the UNet's: frozen weights may be bf16 while the solver runs in float32)."""
+        t = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+        return Cond(t(self.prompt_embeds), t(self.pooled), t(self.time_ids), t(self.neg_embeds), t(self.neg_pooled))
+
     def cat(self, other: "Cond") -> "Cond":
         c = lambda a, b: None if a is None or b is None else torch.cat([a, b])  # noqa: E731
         return Cond(c(self.prompt_embeds, other.prompt_embeds), c(self.pooled, other.pooled),
@@ -91,7 +96,10 @@ def encode_prompts(pipe, prompts: list[str]) -> Cond:
 
 
 class Denoiser:
-    """ε-prediction UNet + ``alphas_cumprod``: ε̂_θ(z_t, t, c), CFG ε̃ and x̂_0."""
+    """ε-prediction UNet + ``alphas_cumprod``: ε̂_θ(z_t, t, c), CFG ε̃ and x̂_0.
+
+    The UNet runs in its own dtype (``teacher.dtype``: bf16 frozen weights on GPUs; a LoRA on it stays
+    float32, peft casts at its input); ε̂ comes back in float32, so solvers and losses run in float32."""
 
     def __init__(self, unet, alphas_cumprod: torch.Tensor):
         self.unet = unet
@@ -99,8 +107,10 @@ class Denoiser:
 
     def eps(self, z: torch.Tensor, t: torch.Tensor, c: Cond) -> torch.Tensor:
         t = torch.as_tensor(t, device=z.device).expand(z.shape[0])
+        dtype = next(self.unet.parameters()).dtype  # conv_in's (a LoRA's float32 weights come after the base's)
+        c = c.to(dtype)
         added = None if c.pooled is None else {"text_embeds": c.pooled, "time_ids": c.time_ids}
-        return self.unet(z, t, encoder_hidden_states=c.prompt_embeds, added_cond_kwargs=added).sample
+        return self.unet(z.to(dtype), t, encoder_hidden_states=c.prompt_embeds, added_cond_kwargs=added).sample.float()
 
     def eps_cfg(self, z: torch.Tensor, t: torch.Tensor, c: Cond, w: float) -> torch.Tensor:
         """ε̃ = ε_u + w (ε_c − ε_u), one batched UNet call (w = 1: conditional only)."""

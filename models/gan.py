@@ -21,6 +21,8 @@ from models.denoiser import Cond
 def unet_encoder_features(unet, z: torch.Tensor, t: torch.Tensor, c: Cond) -> torch.Tensor:
     """Mid-block feature map of ``unet`` for (z_t, t, c): the first half of ``UNet2DConditionModel.forward``."""
     t = torch.as_tensor(t, device=z.device).expand(z.shape[0])
+    dtype = next(unet.parameters()).dtype  # the UNet's, as in Denoiser.eps
+    z, c = z.to(dtype), c.to(dtype)
     emb = unet.time_embedding(unet.get_time_embed(sample=z, timestep=t), None)
     added = None if c.pooled is None else {"text_embeds": c.pooled, "time_ids": c.time_ids}
     aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=c.prompt_embeds, added_cond_kwargs=added)

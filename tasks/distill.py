@@ -170,7 +170,7 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
     info = {"stage": stage, "kind": kind, "init_from": init_from, "teacher": params.teacher.source,
             "params": p.model_dump(mode="json"), "steps": res.steps_done, "train_seconds": res.seconds,
             "world_size": world, "real_images_used": 0}
-    metrics = {"steps": res.steps_done, "train_seconds": res.seconds, "world_size": world,
+    metrics = {"steps": res.steps_done, "train_seconds": res.seconds, **D.compute_record(),
                "final_consistency": res.history[-1]["consistency"] if res.history else None,
                "quick_evals": quick.history if quick is not None else []}
     if D.is_main():

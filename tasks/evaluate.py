@@ -40,7 +40,7 @@ from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.stages import LORA_STAGES, upstream
 from tlcm.storage import atomic_dir, atomic_write_json
-from tlcm.teacher_io import load_teacher, resolve_teacher
+from tlcm.teacher_io import frozen_dtype, load_for_sampling, resolve_teacher
 
 log = logging.getLogger("tlcm")
 
@@ -102,12 +102,12 @@ def shipped_label(p) -> str | None:
     return tlcm[-1] if tlcm else None
 
 
-def load_student(source: str, lora_dir, stage: str):
+def load_student(source: str, lora_dir, stage: str, dtype: torch.dtype = torch.float32):
     """The user's way (tasks.generate.load_student_pipe): fresh teacher, LoRA loaded and fused, and the
-    sampler of that model family (LCMScheduler for the LCM baseline, TLCMScheduler for TLCM)."""
+    sampler of that model family (LCMScheduler for the LCM baseline, TLCMScheduler for TLCM), on the device."""
     from tasks.generate import load_student_pipe
 
-    return load_student_pipe(source, lora_dir, "lcm" if stage == "lcm_baseline" else "tlcm")
+    return load_student_pipe(source, lora_dir, "lcm" if stage == "lcm_baseline" else "tlcm", dtype)
 
 
 def _add_speedups(table: list[dict]) -> None:
@@ -117,14 +117,20 @@ def _add_speedups(table: list[dict]) -> None:
             r["speedup_vs_teacher"] = ref["sec_per_image"] / r["sec_per_image"]
 
 
-def _training_minutes(paths: Paths, stages: list[str]) -> dict[str, float]:
+def _training_minutes(paths: Paths, stages: list[str]) -> dict[str, tuple[str, float]]:
+    """(``"cpu"`` or ``"gpu"``, minutes) per stage from its metrics: CPU-minutes = wall minutes × torch threads ×
+    processes of the TRAINING run; GPU-minutes = wall minutes × processes (one GPU each). Stages whose metrics do
+    not record where they ran (written before this was recorded) are left out."""
     out = {}
     for st in stages:
         f = paths.metrics / f"{st}.json"
         if f.is_file():
-            sec = json.loads(f.read_text()).get("train_seconds")
-            if sec is not None:
-                out[st] = sec / 60 * torch.get_num_threads()
+            m = json.loads(f.read_text())
+            sec, dev = m.get("train_seconds"), m.get("device")
+            if sec is None or dev is None:
+                continue
+            n = m.get("world_size", 1)
+            out[st] = ("cpu", sec / 60 * n * m.get("torch_threads", 1)) if dev == "cpu" else ("gpu", sec / 60 * n)
     return out
 
 
@@ -185,7 +191,7 @@ def sample_rows(params: Params, paths: Paths, specs: list, comp_prompts: list[st
     p = params.evaluate
     prompts = [s if isinstance(s, str) else s.caption() for s in specs]
     source = resolve_teacher(params.teacher.source, paths.teacher)
-    pipe = load_teacher(source)
+    pipe = load_for_sampling(source, frozen_dtype(params.teacher))  # on the process's device, in teacher.dtype
     assert not getattr(pipe.unet, "peft_config", None), "teacher rows must run without any adapter"
     comp = (lambda f: f(comp_prompts)) if comp_prompts else (lambda f: None)  # noqa: E731
     n_ref = p.reference_steps
@@ -203,7 +209,7 @@ def sample_rows(params: Params, paths: Paths, specs: list, comp_prompts: list[st
                             {"sampler": name, "selected_by": why}))
     shipped = shipped_label(p)
     for stage, label, steps in student_rows(p):
-        student = load_student(source, paths.lora(stage), stage)
+        student = load_student(source, paths.lora(stage), stage, frozen_dtype(params.teacher))
         for n in steps:
             log.info("evaluate: %s %d steps (LoRA fused), %d prompts", label, n, len(prompts))
             sample = lambda ps, seed=p.seed: student_samples(student, ps, n, seed, p.batch_size, student.scheduler)  # noqa: E731
@@ -222,11 +228,14 @@ def _seed_spread(net, rows: list[Row], table: list[dict], specs: list[W.Spec]) -
 
 
 def _add_training(paths: Paths, p, table: list[dict]) -> None:
-    cpu_min = _training_minutes(paths, sorted({x for v in LINEAGE.values() for x in v}))
+    minutes = _training_minutes(paths, sorted({x for v in LINEAGE.values() for x in v}))
     for r in table:
         for st, label, _ in student_rows(p):
             if r["method"] == label:
-                r["train_cpu_minutes"] = sum(cpu_min.get(k, 0.0) for k in LINEAGE.get(st, (st,)))
+                for kind in ("cpu", "gpu"):
+                    spent = [m for k, m in (minutes.get(x, ("", 0.0)) for x in LINEAGE.get(st, (st,))) if k == kind]
+                    if spent:
+                        r[f"train_{kind}_minutes"] = sum(spent)
 
 
 def _write(params: Params, paths: Paths, table: list[dict], meta: dict, header: str, grid_rows, prompts: list[str],

@@ -137,7 +137,7 @@ def peak_rss_mib() -> float:
 def save_student(s: Student, paths: Paths, stage: str, info: dict, metrics: dict) -> dict:
     """The main process writes the LoRA and the metrics (atomically); the others wait."""
     world = D.world_size()
-    metrics = {**metrics, "peak_rss_mib": peak_rss_mib(), "enabled": True, "world_size": world}
+    metrics = {**metrics, "peak_rss_mib": peak_rss_mib(), "enabled": True, **D.compute_record()}
     if D.is_main():
         meta = {"stage": stage, "teacher": s.source, "real_images_used": 0, "world_size": world, **info}
         save_lora(paths.lora(stage), s.unet, meta)

@@ -24,6 +24,7 @@ from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
+from tlcm.teacher_io import decode_latents, frozen_dtype, upcast_vae
 from tlcm.training import ensure_finite, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
@@ -31,9 +32,8 @@ INIT_FROM = "ilcd"
 
 
 def decode_to_unit(vae, z0: torch.Tensor) -> torch.Tensor:
-    """Latent x̂_0 → image in [0, 1] through the VAE decoder (differentiable)."""
-    x = vae.decode(z0 / vae.config.scaling_factor).sample
-    return (x / 2 + 0.5).clamp(0, 1)
+    """Latent x̂_0 → image in [0, 1] through the VAE decoder (differentiable; float32 where the VAE needs it)."""
+    return (decode_latents(vae, z0) / 2 + 0.5).clamp(0, 1)
 
 
 def margin(p, paths: Paths) -> float:
@@ -55,9 +55,10 @@ def run(params: Params, paths: Paths) -> dict:
     from tasks.reward import load_reward
 
     s = setup_student(params, paths, "mps", INIT_FROM)
-    scorer = load_reward(params, paths).to(D.device())
+    scorer = load_reward(params, paths).to(D.device(), frozen_dtype(params.teacher))  # frozen: teacher.dtype
     s0 = margin(p, paths)
     vae = s.pipe.vae.requires_grad_(False)
+    upcast_vae(vae, always=False)  # float16 SDXL VAE -> float32 (bf16 stays: the decoder's activations are kept)
     opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
     log.info("mps: s0 = %.3f (%s), condition '%s', %d steps", s0, "params" if p.margin is not None else "reward model's "
              "clean-render mean", p.condition, p.steps)

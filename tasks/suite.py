@@ -169,7 +169,10 @@ def _fid_into(results: list[dict], key: str, features: nn.Module, feature_id: st
 # ---- the suite ---------------------------------------------------------------------------
 
 def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The process's device (its GPU, else the CPU), as the sampling rows use."""
+    from tlcm import distributed
+
+    return distributed.device()
 
 
 def run_suite(params: Params, paths: Paths, rows: Sequence[ImageSet]) -> list[dict]:

@@ -12,7 +12,8 @@ COLUMNS = [("method", "method"), ("steps", "steps"), ("guidance", "CFG w"), ("al
            ("acc_colour", "colour"), ("acc_shape", "shape"), ("acc_size", "size"), ("acc_layout", "position/relation"),
            ("acc_background", "bg"), ("frechet", "Fréchet"), ("reward", "reward"), ("sec_per_image", "s/img"),
            ("speedup_vs_teacher", "speed-up vs teacher-25"), ("unet_evals", "UNet evals/img"),
-           ("train_cpu_minutes", "train CPU-min"), ("real_images_used", "real images"),
+           ("train_cpu_minutes", "train CPU-min"), ("train_gpu_minutes", "train GPU-min"),
+           ("real_images_used", "real images"),
            ("agree_teacher", "agrees w/ teacher"), ("layout_kept", "layout kept"), ("edge_iou", "edge IoU"),
            ("max_abs_diff", "max |Δ| vs benchmark sampler")]
 SHORT_COLUMNS = ("method", "steps", "guidance", "alignment", "alignment_se", "frechet", "reward", "sec_per_image",

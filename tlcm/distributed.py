@@ -87,6 +87,12 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def compute_record() -> dict:
+    """Where this stage trains: device type, number of processes and torch threads per process (written to the
+    stage's metrics; the benchmark's training-cost columns read it)."""
+    return {"device": device().type, "world_size": world_size(), "torch_threads": torch.get_num_threads()}
+
+
 def _group_active() -> bool:
     return launched() and torch.distributed.is_available() and torch.distributed.is_initialized()
 

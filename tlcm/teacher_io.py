@@ -1,6 +1,7 @@
 """Loading the teacher exactly as one loads SDXL: ``from_pretrained(hub id or folder)``."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -57,10 +58,44 @@ def load_teacher(source: str, dtype: torch.dtype = torch.float32):
     return pipe
 
 
+def frozen_dtype(teacher_params) -> torch.dtype:
+    """``teacher.dtype``: the dtype of every frozen network (teacher UNet, VAE, text encoders, scorers)."""
+    return getattr(torch, teacher_params.dtype)
+
+
+def upcast_vae(vae, always: bool) -> None:
+    """SDXL's VAE overflows in float16 (its config says ``force_upcast``): decode it in float32, as diffusers'
+    pipelines do. ``always``: also from bf16 (sampling: one decode per image, so float32 costs little); training
+    (``mps``, decoder activations kept for backward) upcasts only from float16."""
+    if vae.config.get("force_upcast", False) and vae.dtype != torch.float32 and (always or vae.dtype == torch.float16):
+        vae.to(torch.float32)
+
+
+def decode_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (float32) from latents: ``D(z / s)`` in the VAE's dtype (autocast off for a float32 VAE,
+    so an upcast VAE really decodes in float32 inside a mixed-precision step); gradients flow to ``z``."""
+    z = (z / vae.config.scaling_factor).to(vae.dtype)
+    off = vae.dtype == torch.float32 and torch.is_autocast_enabled(z.device.type)
+    with torch.autocast(z.device.type, enabled=False) if off else contextlib.nullcontext():
+        return vae.decode(z).sample.float()
+
+
+def load_for_sampling(source: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None):
+    """The pipeline as the benchmark and `tlcm generate` sample it: frozen weights in ``dtype`` (``teacher.dtype``)
+    on ``device`` (default: the process's, :func:`tlcm.distributed.device`: its GPU, else the CPU), the VAE in
+    float32 where the model asks for it."""
+    from tlcm import distributed
+
+    pipe = load_teacher(source, dtype=dtype)
+    pipe.to(distributed.device() if device is None else device)
+    upcast_vae(pipe.vae, always=True)
+    return pipe
+
+
 def load_frozen_teacher(teacher_params, artifacts_teacher: Path):
     """The teacher as the distillation stages use it: frozen weights in ``teacher.dtype`` and, with
     ``teacher.gradient_checkpointing``, UNet activations recomputed in backward (the SDXL memory plan)."""
-    pipe = load_teacher(resolve_teacher(teacher_params.source, artifacts_teacher), dtype=getattr(torch, teacher_params.dtype))
+    pipe = load_teacher(resolve_teacher(teacher_params.source, artifacts_teacher), dtype=frozen_dtype(teacher_params))
     if teacher_params.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     return pipe
@@ -68,7 +103,7 @@ def load_frozen_teacher(teacher_params, artifacts_teacher: Path):
 
 def autocast(teacher_params, device: torch.device):
     """Mixed precision for a training step when the frozen weights are not float32 (a no-op otherwise)."""
-    dtype = getattr(torch, teacher_params.dtype)
+    dtype = frozen_dtype(teacher_params)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
