@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import Callable, TYPE_CHECKING
 
 import torch
 
@@ -29,12 +30,13 @@ from models.tlcm import f_theta_x0, ilcd_target
 from tasks.finetune import (Student, autocast_steps, draw_randint, draw_randn, eq9_batch, passthrough, save_student,
                             setup_student, step_backward)
 from tlcm import distributed as D
-from tlcm.identity import checkpointer
-from tlcm.params import DmganParams, Params
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
 from tlcm.teacher_io import float32_
 from tlcm.training import ensure_finite, run_loop, step_generator
+
+if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
+    from tlcm.params import DmganParams, Params
 
 log = logging.getLogger("tlcm")
 INIT_FROM = "mps"
@@ -131,18 +133,11 @@ class CollapseWatch:
             self.recent.clear()
 
 
-def run(params: Params, paths: Paths) -> dict:
-    p = params.dmgan
-    if not p.enabled or (p.dm_weight == 0 and p.gan_weight == 0 and p.consistency_weight == 0):
-        return passthrough(paths, "dmgan", INIT_FROM)
-    s = setup_student(params, paths, "dmgan", INIT_FROM)
-    probe = s.pipe.unet.config
-    text_dim = probe.projection_class_embeddings_input_dim - 6 * probe.addition_time_embed_dim \
-        if probe.addition_embed_type == "text_time" else probe.cross_attention_dim
-    critics = Critics(s, p, text_dim)
-    opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
+def make_step(s: Student, critics: Critics, opt: torch.optim.Optimizer, p: DmganParams, watch: CollapseWatch,
+              teacher_params) -> Callable[[int], dict[str, float]]:
+    """One `dmgan` step (generator update, then ``critic_updates`` critic updates) under the teacher's mixed
+    precision."""
     ac = s.student.alphas_cumprod
-    watch = CollapseWatch(p.collapse_window)
 
     def step_fn(step: int) -> dict[str, float]:
         gen = step_generator(p.seed, step)
@@ -192,12 +187,32 @@ def run(params: Params, paths: Paths) -> dict:
         watch(step, stats.get("disc_acc_real"), stats.get("disc_acc_fake"))
         return {**{k: v.item() for k, v in terms.items()}, **stats}
 
+    return autocast_steps(teacher_params, D.device(), step_fn)
+
+
+def text_dim_of(unet) -> int:
+    """The width of the text summary the discriminator head projects (pooled text for SDXL, else the embeddings')."""
+    cfg = unet.config
+    return (cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            if cfg.addition_embed_type == "text_time" else cfg.cross_attention_dim)
+
+
+def run(params: Params, paths: Paths) -> dict:
+    p = params.dmgan
+    if not p.enabled or (p.dm_weight == 0 and p.gan_weight == 0 and p.consistency_weight == 0):
+        return passthrough(paths, "dmgan", INIT_FROM)
+    from tlcm.identity import checkpointer  # needs pydantic: the rigs import this module without it
+
+    s = setup_student(params, paths, "dmgan", INIT_FROM)
+    critics = Critics(s, p, text_dim_of(s.unet))
+    opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
+    watch = CollapseWatch(p.collapse_window)
     state = {"lora": AdapterState(s.unet, STUDENT), "fake": AdapterState(s.unet, FAKE), "head": critics.head,
              "opt": opt, "opt_fake": critics.opt_fake, "opt_d": critics.opt_d}
     if p.disc_tune == "lora":
         state["critic"] = AdapterState(s.unet, CRITIC)
     ckpt = checkpointer("dmgan", params, paths)
-    res = run_loop("dmgan", p.steps, autocast_steps(params.teacher, s.unet.device, step_fn), state, ckpt,
+    res = run_loop("dmgan", p.steps, make_step(s, critics, opt, p, watch, params.teacher), state, ckpt,
                    p.checkpoint_every, log_every=10, max_minutes=p.max_minutes)
     s.unet.set_adapter(STUDENT)
     return save_student(s, paths, "dmgan", {"init_from": INIT_FROM, "params": p.model_dump(mode="json")},

@@ -14,7 +14,7 @@ import logging
 import resource
 import shutil
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, TYPE_CHECKING
 
 import torch
 from models.denoiser import Cond, Denoiser, encode_prompts
@@ -23,10 +23,12 @@ from models.tlcm import ilcd_inputs, milestones
 from tasks.distill import make_distance, train_prompts
 from tlcm import distributed as D
 from tlcm.lora_io import load_lora_into, save_lora
-from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import atomic_dir, atomic_write_json
 from tlcm.teacher_io import autocast, float32_, load_frozen_teacher
+
+if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
+    from tlcm.params import Params
 
 log = logging.getLogger("tlcm")
 M_SEGMENTS = 8
@@ -56,8 +58,15 @@ def setup_student(params: Params, paths: Paths, stage: str, init_from: str) -> S
     D.check_batch(section.batch_size, f"{stage}.batch_size")
     pipe = load_frozen_teacher(params.teacher, paths.teacher)
     pipe.to(D.device())
+    load_lora_into(pipe.unet, paths.lora(init_from))
+    return student_of(pipe, make_distance(section, params, paths), train_prompts(params, paths), params.teacher.source)
+
+
+def student_of(pipe, distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prompts: list[str],
+               source: str) -> Student:
+    """The views of ``pipe.unet`` (on the process's device, carrying the ``student`` LoRA) that the losses call;
+    the LoRA float32, trainable and equal on every process."""
     unet = pipe.unet
-    load_lora_into(unet, paths.lora(init_from))
     unet.set_adapter(STUDENT)
     float32_(lora_parameters(unet, STUDENT))
     for q in lora_parameters(unet, STUDENT):
@@ -65,9 +74,8 @@ def setup_student(params: Params, paths: Paths, stage: str, init_from: str) -> S
     D.broadcast_from_main(lora_parameters(unet, STUDENT))
     ac = pipe.scheduler.alphas_cumprod.to(D.device())
     cfg = unet.config
-    return Student(pipe, unet, Denoiser(unet, ac), FrozenTeacher(Denoiser(unet, ac)),
-                   make_distance(section, params, paths), train_prompts(params, paths), milestones(M_SEGMENTS),
-                   (cfg.in_channels, cfg.sample_size, cfg.sample_size), params.teacher.source)
+    return Student(pipe, unet, Denoiser(unet, ac), FrozenTeacher(Denoiser(unet, ac)), distance, prompts,
+                   milestones(M_SEGMENTS), (cfg.in_channels, cfg.sample_size, cfg.sample_size), source)
 
 
 def draw_randn(gen: torch.Generator, batch_size: int, *shape: int) -> torch.Tensor:

@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Callable, TYPE_CHECKING
 
 import torch
 
 from models.preference import irrelevant_prompts, mps_terms
 from models.tlcm import f_theta_x0, ilcd_target
-from tasks.finetune import autocast_steps, eq9_batch, passthrough, save_student, setup_student, step_backward
+from tasks.finetune import (Student, autocast_steps, eq9_batch, passthrough, save_student, setup_student,
+                            step_backward)
 from tlcm import distributed as D
-from tlcm.identity import checkpointer
-from tlcm.params import Params
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
 from tlcm.teacher_io import decode_latents, frozen_dtype, upcast_vae
 from tlcm.training import ensure_finite, run_loop, step_generator
+
+if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
+    from tlcm.params import MpsParams, Params
 
 log = logging.getLogger("tlcm")
 INIT_FROM = "ilcd"
@@ -48,20 +51,11 @@ def margin(p, paths: Paths) -> float:
     return float(auto[p.condition])
 
 
-def run(params: Params, paths: Paths) -> dict:
-    p = params.mps
-    if not p.enabled:
-        return passthrough(paths, "mps", INIT_FROM)
-    from tasks.reward import load_reward
-
-    s = setup_student(params, paths, "mps", INIT_FROM)
-    scorer = load_reward(params, paths).to(D.device(), frozen_dtype(params.teacher))  # frozen: teacher.dtype
-    s0 = margin(p, paths)
+def make_step(s: Student, scorer, s0: float, p: MpsParams, opt: torch.optim.Optimizer,
+              teacher_params) -> Callable[[int], dict[str, float]]:
+    """One `mps` training step (Eq. 11 + the iLCD term) under the teacher's mixed precision."""
     vae = s.pipe.vae.requires_grad_(False)
     upcast_vae(vae, always=False)  # float16 SDXL VAE -> float32 (bf16 stays: the decoder's activations are kept)
-    opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
-    log.info("mps: s0 = %.3f (%s), condition '%s', %d steps", s0, "params" if p.margin is not None else "reward model's "
-             "clean-render mean", p.condition, p.steps)
 
     def step_fn(step: int) -> dict[str, float]:
         gen = step_generator(p.seed, step)
@@ -82,8 +76,24 @@ def run(params: Params, paths: Paths) -> dict:
         return {**{k: v.item() for k, v in terms.items()}, "reward_pos": s_pos.mean().item(),
                 "reward_neg": s_neg.mean().item()}
 
+    return autocast_steps(teacher_params, D.device(), step_fn)
+
+
+def run(params: Params, paths: Paths) -> dict:
+    p = params.mps
+    if not p.enabled:
+        return passthrough(paths, "mps", INIT_FROM)
+    from tasks.reward import load_reward
+    from tlcm.identity import checkpointer  # needs pydantic: the rigs import this module without it
+
+    s = setup_student(params, paths, "mps", INIT_FROM)
+    scorer = load_reward(params, paths).to(D.device(), frozen_dtype(params.teacher))  # frozen: teacher.dtype
+    s0 = margin(p, paths)
+    opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
+    log.info("mps: s0 = %.3f (%s), condition '%s', %d steps", s0, "params" if p.margin is not None else "reward model's "
+             "clean-render mean", p.condition, p.steps)
     ckpt = checkpointer("mps", params, paths)
-    res = run_loop("mps", p.steps, autocast_steps(params.teacher, s.unet.device, step_fn),
+    res = run_loop("mps", p.steps, make_step(s, scorer, s0, p, opt, params.teacher),
                    {"lora": AdapterState(s.unet), "opt": opt}, ckpt, p.checkpoint_every,
                    log_every=10, max_minutes=p.max_minutes)
     last = res.history[-1] if res.history else {}
