@@ -34,7 +34,10 @@ def lora_parameters(unet, name: str = STUDENT) -> list:
 
 @contextlib.contextmanager
 def adapters_disabled(unet) -> Iterator[None]:
-    """The plain teacher: every adapter off inside the block, restored after."""
+    """The plain teacher: every adapter off inside the block, restored after (a UNet without adapters is one)."""
+    if not getattr(unet, "_hf_peft_config_loaded", False):
+        yield
+        return
     unet.disable_adapters()
     try:
         yield

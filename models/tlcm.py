@@ -141,3 +141,61 @@ def ilcd_terms(student: Denoiser, teacher: Denoiser, eps: torch.Tensor, noise: t
     target = ilcd_target(student, teacher, z_tm, t_m, p, c, w, ms)
     pred = f_theta_x0(student, z_tm, t_m, c)
     return {"consistency": distance(pred, target)}
+
+
+# ---- the teacher-trajectory buffer's path (tasks/teacher_buffer.py) -------------------------------------------------
+
+PAD = -2  # a buffered path's padding, after its end at t = 0
+
+
+def buffer_path(ms: list[int], skip: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Timesteps (N, G) at which a buffered teacher trajectory keeps its state, descending, padded with ``PAD``:
+    from t_step^M = 999 (z = ε) down to 0 through every milestone; in segment s, ``(t_step^s, t_step^{s+1}]``, first
+    t_step^{s+1} − o_s (``offsets`` (N, M), o_s in [0, skip)), then every ``skip`` below it, then t_step^s. Each t in
+    a segment lies on the path for exactly one of the ``skip`` offsets: t_m is uniform within segments, as in Alg. 1."""
+    M = len(ms) - 1
+    if skip >= min(b - a for a, b in zip(ms, ms[1:])):
+        raise ValueError(f"skip = {skip} must be shorter than every segment ({ms})")
+    rows = []
+    for o in offsets.tolist():
+        path = [ms[M]]
+        for s in range(M - 1, -1, -1):
+            t = ms[s + 1] - o[s]
+            if o[s]:
+                path.append(t)  # the positioning step (not a pair)
+            t -= skip
+            while t > ms[s]:
+                path.append(t)
+                t -= skip
+            path.append(ms[s])
+        rows.append(path)
+    g = max(len(r) for r in rows)
+    return torch.tensor([r + [PAD] * (g - len(r)) for r in rows], dtype=torch.long)
+
+
+def buffer_states_per_trajectory(ms: list[int], skip: int) -> int:
+    """The most states a buffered trajectory keeps (z_999 and one per CFG step), over every choice of offsets."""
+    return 1 + sum(max(buffer_path([0, b - a], skip, torch.tensor([[o]])).shape[1] - 1 for o in range(skip))
+                   for a, b in zip(ms, ms[1:]))
+
+
+def buffer_pair_mask(path: torch.Tensor, ms: list[int], skip: int) -> torch.Tensor:
+    """(N, G − 1): whether ``path[:, j] → path[:, j + 1]`` is a pair (t_m, t_n) of Alg. 1, i.e.
+    t_n = max(t_m − skip, t_step^s) (False for a positioning step and for padding)."""
+    t_m, t_n = path[:, :-1], path[:, 1:]
+    live = (t_n != PAD) & (t_m > 0)
+    return live & (t_n == torch.maximum(t_m - skip, lower_milestone(t_m.clamp(min=1), ms)))
+
+
+@torch.no_grad()
+def teacher_trajectories(teacher: Denoiser, eps: torch.Tensor, path: torch.Tensor, c: Cond, w: float) -> torch.Tensor:
+    """The teacher's states (N, G, C, H, W) along ``path`` from z_999 = ε: one CFG-DDIM step (Eq. 8) per point."""
+    path = path.to(eps.device)
+    states = eps.new_zeros((path.shape[0], path.shape[1], *eps.shape[1:]))
+    states[:, 0] = eps
+    for j in range(path.shape[1] - 1):
+        idx = (path[:, j + 1] != PAD).nonzero().flatten()
+        if idx.numel() == 0:
+            break
+        states[idx, j + 1] = teacher_ddim_path(teacher, states[idx, j], path[idx, j], path[idx, j + 1], 1, c.take(idx), w)
+    return states

@@ -1,14 +1,14 @@
 """The consistency-distillation loop shared by `mlcd`, `ilcd` and `lcm_baseline`.
 
-Data-free: only prompts (the world's train prompts, or a prompt file for real
-teachers) and Gaussian noise; every latent the student sees comes from the
-teacher's ODE (MLCD, Alg. 1) or from the student itself re-noised (iLCD, Alg. 2).
+Data-free: only prompts (the world's train prompts, or a prompt file for real teachers) and Gaussian noise; every
+latent the student sees comes from the teacher's ODE (MLCD, Alg. 1; with ``teacher_path: buffer`` from the
+teacher-trajectory buffer, :mod:`tasks.teacher_buffer`) or from the student itself re-noised (iLCD, Alg. 2).
 One UNet in memory: the teacher is the same UNet with its adapters disabled.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Literal
+from typing import Callable, Literal, TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +16,17 @@ import torch.nn.functional as F
 from models.denoiser import Denoiser, encode_prompts
 from models.lora import FrozenTeacher, add_lora, lora_parameters
 from models.tlcm import ilcd_terms, milestones, mlcd_pair, mlcd_terms
+from tasks.teacher_buffer import BufferRule, TeacherBuffer
 from tlcm import distributed as D
-from tlcm.identity import checkpointer
+from tlcm.evalcount import UNetCounter
 from tlcm.lora_io import AdapterState, load_lora_into, save_lora
-from tlcm.params import ConsistencyParams, Params
 from tlcm.paths import Paths
 from tlcm.storage import atomic_write_json
 from tlcm.teacher_io import autocast, float32_, load_frozen_teacher
 from tlcm.training import ensure_finite, run_loop, step_generator
+
+if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
+    from tlcm.params import ConsistencyParams, Params
 
 log = logging.getLogger("tlcm")
 
@@ -87,72 +90,61 @@ def train_prompts(params: Params, paths: Paths) -> list[str]:
     return read_prompts(params, paths)
 
 
-def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str | None) -> dict:
-    """Train the student LoRA for ``stage`` (its params section) and save it to ``paths.lora(stage)``.
+class Consistency:
+    """One step's loss terms of a consistency stage on a loaded pipeline whose UNet carries the student LoRA.
 
-    ``init_from``: the stage whose LoRA to continue (iLCD continues MLCD's); None = a fresh LoRA.
-    Under ``accelerate launch`` (:mod:`tlcm.distributed`) each process trains on its shard of the
-    global batch, gradients are averaged, and the main process writes the checkpoints and the LoRA.
-    """
-    p: ConsistencyParams = params.section(stage)
-    world = D.world_size()
-    D.check_batch(p.batch_size, f"{stage}.batch_size", world)
-    dev = D.device()
-    pipe = load_frozen_teacher(params.teacher, paths.teacher)
-    pipe.to(dev)
-    unet = pipe.unet
-    if init_from is None:
-        torch.manual_seed(p.seed)
-        add_lora(unet, p.rank)
-    else:
-        load_lora_into(unet, paths.lora(init_from))
-    unet.to(dev)
-    trainable = lora_parameters(unet)
-    float32_(trainable)
-    for q in trainable:
-        q.requires_grad_(True)
-    D.broadcast_from_main(trainable)
-    ac = pipe.scheduler.alphas_cumprod.to(dev)
-    student = Denoiser(unet, ac)
-    teacher = FrozenTeacher(Denoiser(unet, ac))
-    ms = milestones(p.num_segments)
-    distance = make_distance(p, params, paths)
-    prompts = train_prompts(params, paths)
-    opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)
-    side, ch = unet.config.sample_size, unet.config.in_channels
-    quick = None
-    if (p.eval_every and D.is_main() and params.teacher.source == "train"
-            and (paths.evaluator / "model.safetensors").is_file()):
-        quick = QuickEval(params, paths, pipe, stage, p.eval_prompts)
+    ``kind`` "mlcd" (also `lcm_baseline`): Alg. 1 pairs, by the multistep denoising strategy from fresh noise
+    (``teacher_path: mds``) or from the teacher-trajectory buffer (``buffer``); "ilcd": Alg. 2. Every random draw
+    is made for the GLOBAL batch from the step's generator; this process computes its shard."""
 
-    def step_fn(step: int) -> dict[str, float]:
-        if quick is not None and step % p.eval_every == 0:
-            quick(step)
-        with autocast(params.teacher, dev):
-            return _step(step)
+    def __init__(self, pipe, p: ConsistencyParams, kind: Kind, prompts: list[str],
+                 distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        self.pipe, self.p, self.kind, self.prompts, self.distance = pipe, p, kind, prompts, distance
+        unet = pipe.unet
+        ac = pipe.scheduler.alphas_cumprod.to(D.device())
+        self.student, self.teacher = Denoiser(unet, ac), FrozenTeacher(Denoiser(unet, ac))
+        self.ms = milestones(p.num_segments)
+        side, ch = unet.config.sample_size, unet.config.in_channels
+        self.shape = (ch, side, side)
+        self.buffer = (TeacherBuffer(p, pipe, self.teacher, prompts, self.ms, self.shape)
+                       if kind == "mlcd" and p.teacher_path == "buffer" else None)
 
-    def _step(step: int) -> dict[str, float]:
+    def terms(self, step: int) -> dict[str, torch.Tensor]:
+        p, dev = self.p, D.device()
+        if self.buffer is not None:
+            b = self.buffer.pairs(step)
+            with torch.no_grad():
+                cond = encode_prompts(self.pipe, b.prompts)
+            return mlcd_terms(self.student, b.z_tm, b.z_tn, b.t_m, b.t_n, b.t_s, cond, self.distance)
         # the GLOBAL batch, drawn identically on every process, then this process's shard
         gen = step_generator(p.seed, step)
-        B = p.batch_size
-        idx = torch.randint(len(prompts), (B,), generator=gen)
-        eps = torch.randn((B, ch, side, side), generator=gen)
+        B, ms = p.batch_size, self.ms
+        idx = torch.randint(len(self.prompts), (B,), generator=gen)
+        eps = torch.randn((B, *self.shape), generator=gen)
         with torch.no_grad():
-            cond = encode_prompts(pipe, [prompts[i] for i in D.shard(idx)])
-        if kind == "mlcd":
+            cond = encode_prompts(self.pipe, [self.prompts[i] for i in D.shard(idx)])
+        if self.kind == "mlcd":
             seg = torch.randint(p.num_segments, (B,), generator=gen)
             lo, hi = torch.tensor(ms)[seg], torch.tensor(ms)[seg + 1]
             t_m = lo + 1 + (torch.rand(B, generator=gen) * (hi - lo)).long().clamp(max=(hi - lo - 1))
             eps, t_m = D.shard(eps).to(dev), D.shard(t_m).to(dev)
-            z_tm, z_tn, t_n, t_s = mlcd_pair(teacher, eps, t_m, p.skip, cond, p.guidance_scale, ms)
-            terms = mlcd_terms(student, z_tm, z_tn, t_m, t_n, t_s, cond, distance)
-        else:
-            t_m = torch.tensor(ms)[torch.randint(1, p.num_segments + 1, (B,), generator=gen)]
-            noise = torch.randn(eps.shape, generator=gen)
-            eps, noise, t_m = D.shard(eps).to(dev), D.shard(noise).to(dev), D.shard(t_m).to(dev)
-            terms = ilcd_terms(student, teacher, eps, noise, t_m, p.student_steps_q, p.teacher_steps_p, cond,
-                               p.guidance_scale, ms, distance)
-        ensure_finite(terms, stage, step)
+            z_tm, z_tn, t_n, t_s = mlcd_pair(self.teacher, eps, t_m, p.skip, cond, p.guidance_scale, ms)
+            return mlcd_terms(self.student, z_tm, z_tn, t_m, t_n, t_s, cond, self.distance)
+        t_m = torch.tensor(ms)[torch.randint(1, p.num_segments + 1, (B,), generator=gen)]
+        noise = torch.randn(eps.shape, generator=gen)
+        eps, noise, t_m = D.shard(eps).to(dev), D.shard(noise).to(dev), D.shard(t_m).to(dev)
+        return ilcd_terms(self.student, self.teacher, eps, noise, t_m, p.student_steps_q, p.teacher_steps_p, cond,
+                          p.guidance_scale, ms, self.distance)
+
+
+def make_step(c: Consistency, opt: torch.optim.Optimizer, trainable: list, stage: str,
+              teacher_params) -> Callable[[int], dict[str, float]]:
+    """The training step: the loss terms (under the teacher's mixed precision), the NaN guard, backward, the
+    processes' mean gradient, clipping, AdamW."""
+    def step(i: int) -> dict[str, float]:
+        with autocast(teacher_params, D.device()):
+            terms = c.terms(i)
+        ensure_finite(terms, stage, i)
         loss = terms["consistency"]  # a mean over the local shard: the mean of the shards' gradients is the global one
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -160,23 +152,83 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         opt.step()
         return {k: v.item() for k, v in terms.items()}
+    return step
 
+
+def student_lora(pipe, p: ConsistencyParams, init_from_dir=None) -> list:
+    """The student LoRA on ``pipe.unet`` (fresh from ``p.seed``, or loaded), float32, trainable, equal on every
+    process; returns its parameters."""
+    unet = pipe.unet
+    if init_from_dir is None:
+        torch.manual_seed(p.seed)
+        add_lora(unet, p.rank)
+    else:
+        load_lora_into(unet, init_from_dir)
+    unet.to(D.device())
+    trainable = lora_parameters(unet)
+    float32_(trainable)
+    for q in trainable:
+        q.requires_grad_(True)
+    D.broadcast_from_main(trainable)
+    return trainable
+
+
+def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str | None) -> dict:
+    """Train the student LoRA for ``stage`` (its params section) and save it to ``paths.lora(stage)``.
+
+    ``init_from``: the stage whose LoRA to continue (iLCD continues MLCD's); None = a fresh LoRA.
+    Under ``accelerate launch`` (:mod:`tlcm.distributed`) each process trains on its shard of the
+    global batch, gradients are averaged, and the main process writes the checkpoints and the LoRA.
+    """
+    from tlcm.identity import checkpointer  # needs pydantic: the rigs import this module without it
+    from tlcm.params import ParamsError
+
+    p: ConsistencyParams = params.section(stage)
+    if kind == "ilcd" and p.teacher_path != "mds":
+        raise ParamsError(f"'{stage}.teacher_path' = {p.teacher_path}: iLCD's inputs come from the student (Alg. 2), "
+                          "so there is no teacher buffer to use; set it to mds")
+    world = D.world_size()
+    D.check_batch(p.batch_size, f"{stage}.batch_size", world)
+    pipe = load_frozen_teacher(params.teacher, paths.teacher)
+    pipe.to(D.device())
+    trainable = student_lora(pipe, p, None if init_from is None else paths.lora(init_from))
+    c = Consistency(pipe, p, kind, train_prompts(params, paths), make_distance(p, params, paths))
+    opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)
+    quick = None
+    if (p.eval_every and D.is_main() and params.teacher.source == "train"
+            and (paths.evaluator / "model.safetensors").is_file()):
+        quick = QuickEval(params, paths, pipe, stage, p.eval_prompts)
+    train_step = make_step(c, opt, trainable, stage, params.teacher)
+
+    def step_fn(step: int) -> dict[str, float]:
+        if quick is not None and step % p.eval_every == 0:
+            quick(step)
+        return train_step(step)
+
+    state = {"lora": AdapterState(pipe.unet), "opt": opt}
+    if c.buffer is not None:
+        state["buffer"] = BufferRule(p)
     ckpt = checkpointer(stage, params, paths)
-    lora_state = AdapterState(unet)
-    res = run_loop(stage, p.steps, step_fn, {"lora": lora_state, "opt": opt}, ckpt, p.checkpoint_every,
-                   max_minutes=p.max_minutes)
+    with UNetCounter(pipe.unet) as counter:
+        res = run_loop(stage, p.steps, step_fn, state, ckpt, p.checkpoint_every, max_minutes=p.max_minutes)
     if quick is not None:
         quick(res.steps_done)
+    trained = (res.steps_done - res.resumed_from) * p.batch_size
+    teacher_evals = D.mean_over_processes({"n": float(counter.rows("teacher"))})["n"] * world
     info = {"stage": stage, "kind": kind, "init_from": init_from, "teacher": params.teacher.source,
             "params": p.model_dump(mode="json"), "steps": res.steps_done, "train_seconds": res.seconds,
             "world_size": world, "real_images_used": 0}
     metrics = {"steps": res.steps_done, "train_seconds": res.seconds, **D.compute_record(),
                "final_consistency": res.history[-1]["consistency"] if res.history else None,
+               "teacher_path": p.teacher_path if kind == "mlcd" else "ilcd",
+               "teacher_unet_evals_per_sample": teacher_evals / trained if trained else None,
                "quick_evals": quick.history if quick is not None else []}
+    if c.buffer is not None:
+        metrics["buffer"] = c.buffer.stats()
     if D.is_main():
-        save_lora(paths.lora(stage), unet, info)
+        save_lora(paths.lora(stage), pipe.unet, info)
         atomic_write_json(paths.metrics / f"{stage}.json", metrics)
-        log.info("%s: %d steps in %.0fs on %d process(es) -> %s", stage, res.steps_done, res.seconds, world,
-                 paths.lora(stage))
+        log.info("%s: %d steps in %.0fs on %d process(es), %.2f teacher UNet evaluations per pair -> %s", stage,
+                 res.steps_done, res.seconds, world, metrics["teacher_unet_evals_per_sample"] or 0.0, paths.lora(stage))
     D.barrier()
     return metrics

@@ -119,6 +119,47 @@ def test_two_processes_match_one_process_and_resume(smoke_artifacts, smoke_param
     assert not leftovers  # one writer, atomic files
 
 
+def test_buffer_and_quick_eval_on_two_processes(smoke_artifacts, smoke_params, tmp_path_factory, tmp_path):
+    """`mlcd` with the teacher-trajectory buffer and the periodic quick evaluation, on 2 processes (gloo): each process
+    generates and keeps only its rows' trajectories (half of each chunk), the quick evaluation runs on the main
+    process alone (the other waits at the next collective), and the LoRA is the one-process run's."""
+    from conftest import run_cli
+    from safetensors.torch import load_file
+
+    from tasks.registry import run_stage
+    from tlcm.params import load_params
+    from tlcm.paths import Paths
+
+    d = smoke_params.model_dump(mode="json")
+    d["preset"] = "mini"
+    d["mlcd"].update(loss="mse", batch_size=4, steps=3, checkpoint_every=2, teacher_path="buffer",
+                     buffer_trajectories=8, buffer_refresh=2, eval_every=2, eval_prompts=4)
+    f = tmp_path / "params.yaml"
+    f.write_text(yaml.safe_dump(d, sort_keys=False))
+    roots = []
+    for name in ("buffer_one", "buffer_two"):
+        root = tmp_path_factory.mktemp(name)
+        for sub in ("world", "teacher", "evaluator"):
+            (root / sub).symlink_to(getattr(smoke_artifacts, sub))
+        roots.append(Paths(root))
+    one, two = roots
+    run_stage("mlcd", load_params(f), one)
+    r = run_cli("stage", "mlcd", "--params", str(f), "--artifacts", str(two.root), "--num-processes", "2", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m1, m2 = (json.loads((p.metrics / "mlcd.json").read_text()) for p in (one, two))
+    assert (m1["world_size"], m2["world_size"]) == (1, 2)
+    assert m1["buffer"]["trajectories_per_process"] == 8 and m2["buffer"]["trajectories_per_process"] == 4
+    assert m1["buffer"]["chunks_made"] == m2["buffer"]["chunks_made"] == 2
+    assert [e["step"] for e in m2["quick_evals"]] == [e["step"] for e in m1["quick_evals"]] == [0, 2, 3]
+    assert m2["quick_evals"][0] == m1["quick_evals"][0]  # same LoRA at step 0, same prompts and noise
+    assert m2["teacher_unet_evals_per_sample"] == pytest.approx(m1["teacher_unet_evals_per_sample"])
+    a = load_file(one.lora("mlcd") / "pytorch_lora_weights.safetensors")
+    b = load_file(two.lora("mlcd") / "pytorch_lora_weights.safetensors")
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"buffer: max |LoRA(1 process) - LoRA(2 processes)| = {diff:.3g} (tolerance {TOL})")
+    assert diff < TOL
+
+
 # ---- every other multi-process training stage: 1 process == 2 processes ------------------------
 # (stage, its output folder, params overrides: a global batch that divides by 2, 2 steps)
 LR = 1e-3

@@ -204,6 +204,12 @@ class ConsistencyParams(Section):
     lr: float = Field(1e-4, gt=0)
     teacher_steps_p: int = Field(3, gt=0, description="iLCD: p teacher DDIM steps over one segment")
     student_steps_q: int = Field(4, gt=0, description="iLCD: q student steps that make ẑ0")
+    teacher_path: Literal["mds", "buffer"] = Field(
+        "mds", description="MLCD pairs: 'mds' = Alg. 1 from fresh noise each step; 'buffer' = from buffered teacher "
+                           "trajectories (tasks/teacher_buffer.py; about one teacher CFG step per pair)")
+    buffer_trajectories: int = Field(64, gt=0, description="teacher trajectories per buffer chunk (global; a multiple "
+                                                           "of batch_size)")
+    buffer_refresh: int = Field(100, gt=0, description="training steps per buffer chunk (then the next is generated)")
     eval_every: int = Field(200, ge=0, description="small evaluation every N steps (0 = off); the loss says little")
     eval_prompts: int = Field(64, gt=0)
     checkpoint_every: int = Field(100, gt=0)
@@ -217,6 +223,13 @@ class ConsistencyParams(Section):
             raise ValueError(f"{v} out of range: must be < T/M = {T_TRAIN}/{m} = {T_TRAIN / m:g} "
                              f"(T = {T_TRAIN} timesteps, M = num_segments = {m}); the accepted range is 1..{-(-T_TRAIN // m) - 1}")
         return v
+
+    @model_validator(mode="after")
+    def _buffer_fits(self) -> "ConsistencyParams":
+        if self.teacher_path == "buffer" and self.buffer_trajectories % self.batch_size:
+            raise ValueError(f"buffer_trajectories ({self.buffer_trajectories}) must be a multiple of batch_size "
+                             f"({self.batch_size}): trajectory i serves row i mod batch_size")
+        return self
 
 
 class RewardParams(Section):
