@@ -88,23 +88,56 @@ def test_checkpoint_meter_matches_plain_run_and_torch_checkpoint(tiny_unet_confi
     assert real.saved_bytes == measured.saved_bytes_ckpt
 
 
-def test_stage_evals_by_hand_m8_p3_q4():
-    assert P.mds_mean_steps(8) == 4.5  # L = 8 − s, s uniform on 0..7
-    mlcd = P.mlcd_evals(8, 8.0)
-    assert (mlcd.teacher, mlcd.student, mlcd.student_grad) == (11, 1, 1)  # 2·(4.5 + 1) CFG; target; prediction
-    assert P.unet_forward_equivalents(mlcd, 0.5) == 15
-    assert P.mlcd_evals(1, 8.0).teacher == 4  # lcm_baseline: one step to t_m, one skip step
-    assert P.mlcd_evals(8, 1.0).teacher == 5.5  # w = 1: no unconditional half
-    ilcd = P.ilcd_evals(3, 4, 8.0)
-    assert (ilcd.teacher, ilcd.student, ilcd.student_grad) == (6, 5, 1)
+@pytest.fixture(scope="module")
+def recipes():
+    """The sdxl preset's sections (M = 8, p = 3, q = 4, w = 8) and the tiny teacher the counts run on."""
+    return P.sdxl_params(), P.smoke_params()
+
+
+def _count(recipes, stage, steps=1, batch_size=2, **update):
+    from tlcm.rig import count_evals
+
+    params, tiny = recipes
+    if update:
+        params = params.model_copy(update={stage: params.section(stage).model_copy(update=update)})
+    return count_evals(stage, params, tiny, steps=steps, batch_size=batch_size)
+
+
+def test_counted_evaluations_equal_the_algorithms_by_hand(recipes):
+    """What `tlcm plan` multiplies by FLOPs is counted on the stages' real step functions; by hand (M = 8, p = 3,
+    q = 4, CFG = 2 evaluations): iLCD 2p teacher, q + 1 student (q steps for ẑ_0, the target f_θ(ẑ_tn)), 1 with
+    gradient; MPS the same + a VAE decode and 2 scorer calls with gradient; DM+GAN 2p + 2 teacher (target, real
+    score), 1 fake + 1 fake update, the encoder on real and fake (no grad) and once with gradient (GAN term)."""
+    ilcd = _count(recipes, "ilcd")
+    assert (ilcd.teacher, ilcd.student, ilcd.student_grad, ilcd.lpips, ilcd.text) == (6, 5, 1, 1, 1)
     assert P.unet_forward_equivalents(ilcd, 0.5) == 14
-    mps = P.mps_evals(3, 4, 8.0)
-    assert (mps.vae_decode_grad, mps.scorer_grad) == (1, 2) and P.unet_forward_equivalents(mps, 0.5) == 14
-    dm = P.dmgan_evals(3, 4, 8.0)
+    mps = _count(recipes, "mps")
+    assert (mps.teacher, mps.student, mps.student_grad, mps.vae_decode_grad, mps.scorer_grad) == (6, 5, 1, 1, 2)
+    dm = _count(recipes, "dmgan")
     assert (dm.teacher, dm.student, dm.student_grad, dm.fake, dm.fake_grad, dm.encoder, dm.encoder_grad) == \
         (8, 5, 1, 1, 1, 2, 1)
-    assert P.unet_forward_equivalents(dm, 0.5) == 8 + 5 + 1 + 3 * 2 + 0.5 * (2 + 3)
-    assert P.dmgan_evals(3, 4, 8.0, critic_updates=2).student == 10  # a fresh Eq. 9 batch for the second update
+    assert _count(recipes, "dmgan", critic_updates=2).student == 10  # a fresh Eq. 9 batch for the second update
+
+
+def test_counted_mlcd_paths(recipes):
+    """Alg. 1's MDS path: L = M − s steps to t_m (s uniform: mean 4.5) + one skip step, CFG: 2·5.5 = 11 per pair
+    (counted on 128 random pairs: within 4 standard errors, 1.6); one segment: exactly 2·(1 + 1); w = 1 halves it.
+    The buffer: a chunk's CFG steps (every point of every path after z_999) over the pairs it serves."""
+    from tasks.teacher_buffer import draw_chunk
+    from models.tlcm import milestones
+
+    mds = _count(recipes, "mlcd", batch_size=128, teacher_path="mds")
+    assert abs(mds.teacher - 11) < 1.6 and (mds.student, mds.student_grad) == (1, 1)
+    assert _count(recipes, "lcm_baseline", teacher_path="mds").teacher == 4
+    assert _count(recipes, "lcm_baseline", teacher_path="mds", guidance_scale=1.0).teacher == 2
+    params, _ = recipes
+    m = params.mlcd.model_copy(update={"batch_size": 4, "buffer_trajectories": 8, "buffer_refresh": 40})
+    buf = _count(recipes, "mlcd", steps=2, batch_size=4, buffer_trajectories=8, buffer_refresh=40)
+    chunk = draw_chunk(0, m.seed, 8, 4, 40, 64, (4, 8, 8), milestones(8), m.skip)
+    cfg_steps = int((chunk.path[:, 1:] != -2).sum())
+    assert buf.teacher == pytest.approx(2 * cfg_steps / (40 * 4))
+    assert (buf.student, buf.student_grad) == (1, 1) and buf.text == pytest.approx(1 + 8 / (40 * 4))
+    assert mds.teacher / buf.teacher > 3
 
 
 def test_memory_plan_and_hours_arithmetic():
@@ -124,10 +157,14 @@ def _costs() -> P.NetCosts:
                       "scorer", 10**9, call, 10**7, call, 10**6)
 
 
-def test_markdown_tables_from_given_costs():
-    text = P.markdown_tables(P.Plan(_costs(), P.paper_recipe()))
+def test_markdown_tables_from_given_costs(recipes):
+    e = P.StageEvals(teacher=6, student=5, student_grad=1)
+    recipe = P.params_recipe(recipes[0], recipes[1], {k: e for k in ("lcm_baseline", "mlcd", "mlcd_mds", "ilcd", "mps",
+                                                                      "dmgan")}, mds_comparison=True)
+    text = P.markdown_tables(P.Plan(_costs(), recipe))
     for heading in ("networks", "calls per iteration", "throughput", "memory on one 80 GB A100", "DMD2-style"):
         assert heading in text
-    assert "**paper stages total**" in text and "| mlcd | 12,000 | 8 |" in text
-    cpu = P.markdown_tables(P.Plan(_costs(), P.paper_recipe(), gpu=False))
+    assert "**paper stages total**" in text and "| mlcd (buffer) | 12,000 | 8 |" in text
+    assert "mlcd (mds: Alg. 1, for comparison) (ours; not in the paper's cost)" in text
+    cpu = P.markdown_tables(P.Plan(_costs(), recipe, gpu=False))
     assert "computed total MiB at batch" in cpu and "A100" not in cpu

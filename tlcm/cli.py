@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
 
             plans = []
             if args.only != "mini":
-                plans.append(sdxl_plan(args.mfu, args.headroom, dtype=getattr(torch, args.dtype)))
+                plans.append(sdxl_plan(args.mfu, args.headroom, dtype=getattr(torch, args.dtype), params_file=args.params))
             if args.only != "sdxl":
-                plans.append(mini_plan(params))
+                plans.append(mini_plan(params, args.params))
             print("\n".join(markdown_tables(p) for p in plans))
         elif args.cmd == "generate":
             from tasks.generate import generate

@@ -18,8 +18,9 @@ from its config (the SDXL configs are written out below, as in
 * peak live activation bytes of a no-grad forward (the teacher's solver steps): a dispatch
   mode that follows every storage an op creates until it is freed.
 
-The per-stage evaluation counts (``*_evals`` functions) follow OUR code paths (``tasks/distill.py``,
-``tasks/mps.py``, ``tasks/dmgan.py``, ``models/tlcm.py``), not the paper's prose. Throughput uses the
+The per-stage evaluation counts are counted, not typed: each stage's own step function (``make_step`` in
+``tasks/distill.py``, ``tasks/mps.py``, ``tasks/dmgan.py``) runs on a tiny in-memory teacher with a counting UNet
+(:func:`tlcm.rig.count_evals`), so they follow OUR code paths, not the paper's prose. Throughput uses the
 convention forward + backward = 3 forwards (the measured backward of a frozen-base LoRA is shown
 next to it); memory and A100-hours are estimates from these counts, labelled as such in the tables.
 """
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -400,49 +401,6 @@ class StageEvals:
     scorer_grad: float = 0.0  # reward-model calls, gradient to the image (mps: c_pos and c_neg)
 
 
-def cfg_evals(guidance_scale: float) -> int:
-    """``Denoiser.eps_cfg``: w = 1 is one conditional call, else a batched [uncond, cond] call (2 evaluations)."""
-    return 1 if guidance_scale == 1.0 else 2
-
-
-def mds_mean_steps(num_segments: int) -> float:
-    """MLCD's multistep denoising strategy: L = M − s teacher steps for segment s ~ U{0..M−1}; ``teacher_ddim_path``
-    runs each sample only for its own L, so the cost is the mean: (M + 1) / 2."""
-    return sum(num_segments - s for s in range(num_segments)) / num_segments
-
-
-def mlcd_evals(num_segments: int, guidance_scale: float) -> StageEvals:
-    """``mlcd_pair`` + ``mlcd_terms``: L CFG steps to t_m, one CFG step of ``skip`` to t_n; g_θ(z_tm) with grad and
-    g_θ(z_tn) without (computed for every sample; ``torch.where`` picks the boundary target)."""
-    return StageEvals(teacher=cfg_evals(guidance_scale) * (mds_mean_steps(num_segments) + 1), student=1, student_grad=1)
-
-
-def ilcd_evals(p: int, q: int, guidance_scale: float) -> StageEvals:
-    """``ilcd_terms``: q student steps for ẑ_0 (``student_sample_x0`` evaluates before it breaks), p teacher CFG steps
-    over one segment, nograd f_θ(ẑ_tn), and f_θ(ẑ_tm) with grad."""
-    return StageEvals(teacher=cfg_evals(guidance_scale) * p, student=q + 1, student_grad=1)
-
-
-def mps_evals(p: int, q: int, guidance_scale: float) -> StageEvals:
-    """``tasks/mps.py``: iLCD's calls (Eq. 9 batch, target, prediction) + VAE decode of x̂_0 and two scorer calls
-    (s(x̂_0, c_pos), s(x̂_0, c_neg)), all with gradient to the LoRA."""
-    return replace(ilcd_evals(p, q, guidance_scale), vae_decode_grad=1, scorer_grad=2)
-
-
-def dmgan_evals(p: int, q: int, guidance_scale: float, critic_updates: int = 1,
-                disc_tune: str = "frozen") -> StageEvals:
-    """``tasks/dmgan.py`` with every term on: Eq. 9 batch (q), iLCD target (p CFG + 1), z̃_0 with grad; real score
-    (teacher CFG) and fake score (no grad) at x_τ; the generator's GAN term through the encoder (grad to z̃_0); per
-    critic update a fake-score step (fake LoRA forward + backward) and the discriminator on real and fake (encoder
-    forward; with ``disc_tune: lora`` also backward). Updates after the first draw a fresh Eq. 9 batch."""
-    w = cfg_evals(guidance_scale)
-    disc = 2 * critic_updates
-    return StageEvals(teacher=w * p + w, student=q + 1 + (critic_updates - 1) * (q + 1), student_grad=1,
-                      fake=1, fake_grad=critic_updates,
-                      encoder=disc if disc_tune == "frozen" else 0,
-                      encoder_grad=1 + (disc if disc_tune == "lora" else 0))
-
-
 def unet_forward_equivalents(e: StageEvals, encoder_fraction: float) -> float:
     """UNet forward-equivalents per sample per iteration: forward + backward = 3, the encoder at its FLOP fraction."""
     return (e.teacher + e.student + e.fake + 3 * (e.student_grad + e.fake_grad)
@@ -469,6 +427,7 @@ class NetCosts:
     lpips_params: int
     lpips: CallCost  # one d(pred, target) call, grad through pred
     head_params: int
+    latent_numel: int = 0  # one latent (C × H × W): what the teacher buffer keeps per state
 
 
 @dataclass(frozen=True)
@@ -480,36 +439,76 @@ class StageRecipe:
     trainable_ranks: tuple[int, ...]  # LoRA adapters with optimizer state (student; + fake in dmgan)
     trains_head: bool = False
     in_paper: bool = True
+    buffer_latents: int = 0  # latent states the teacher buffer keeps (one chunk, all on one GPU: an upper bound)
 
 
-def paper_recipe(M: int = 8, p: int = 3, q: int = 4, w: float = 8.0, critic_updates: int = 1, rank: int = 64,
-                 fake_rank: int = 64) -> list[StageRecipe]:
-    """DESIGN §2 / configs/presets/sdxl.yaml: MLCD 12,000 it (batch 8), iLCD 2,000 (8), MPS 500 (8), DM+GAN 1,000 (4);
-    `lcm_baseline` is our comparison (MLCD's budget, one segment), not part of the paper's cost."""
-    return [
-        StageRecipe("lcm_baseline", 12000, 8, mlcd_evals(1, w), (rank,), in_paper=False),
-        StageRecipe("mlcd", 12000, 8, mlcd_evals(M, w), (rank,)),
-        StageRecipe("ilcd", 2000, 8, ilcd_evals(p, q, w), (rank,)),
-        StageRecipe("mps", 500, 8, mps_evals(p, q, w), (rank,)),
-        StageRecipe("dmgan", 1000, 4, dmgan_evals(p, q, w, critic_updates), (rank, fake_rank), trains_head=True),
+MDS_COUNT_BATCH = 512  # the MDS path's segments are random: its mean over 512 pairs (±0.2 evaluations at M = 8)
+
+
+def counted_evals(stage: str, params, tiny_params) -> StageEvals:
+    """``stage``'s evaluations per sample per iteration, counted by running its real step (``make_step``) on a tiny
+    teacher with a counting UNet (:func:`tlcm.rig.count_evals`); cached per configuration."""
+    section = params.section(stage)
+    key = (stage, section.model_dump_json(exclude={"steps", "lr", "max_minutes", "checkpoint_every", "eval_every"}),
+           params.ilcd.rank)
+    if key not in _COUNTS:
+        from tlcm.rig import count_evals
+
+        mds = stage in ("mlcd", "lcm_baseline") and section.teacher_path == "mds"
+        _COUNTS[key] = count_evals(stage, params, tiny_params, **({"steps": 1, "batch_size": MDS_COUNT_BATCH}
+                                                                  if mds else {}))
+    return _COUNTS[key]
+
+
+_COUNTS: dict[tuple, StageEvals] = {}
+
+
+def buffer_latents(section) -> int:
+    """Latent states one chunk of the teacher buffer holds (0 on Alg. 1's path)."""
+    if section.teacher_path != "buffer":
+        return 0
+    from models.tlcm import buffer_states_per_trajectory, milestones
+
+    return section.buffer_trajectories * buffer_states_per_trajectory(milestones(section.num_segments), section.skip)
+
+
+def params_recipe(params, tiny_params, evals: dict[str, StageEvals] | None = None,
+                  mds_comparison: bool = False) -> list[StageRecipe]:
+    """The stages as ``params`` (a :class:`tlcm.params.Params`) configures them: iterations, batch, LoRA ranks, and the
+    evaluations their code makes (``evals``, or counted on the tiny teacher of ``tiny_params``). `lcm_baseline` is our
+    comparison (MLCD's budget, one segment), not part of the paper's cost. ``mds_comparison``: with the teacher
+    buffer on, also `mlcd` on Alg. 1's multistep-denoising path (a comparison row, not in the totals)."""
+    b, m, i, d = params.lcm_baseline, params.mlcd, params.ilcd, params.dmgan
+    e = evals if evals is not None else {st: counted_evals(st, params, tiny_params)
+                                         for st in ("lcm_baseline", "mlcd", "ilcd", "mps", "dmgan")}
+    out = [StageRecipe("lcm_baseline", b.steps, b.batch_size, e["lcm_baseline"], (b.rank,), in_paper=False,
+                       buffer_latents=buffer_latents(b)),
+           StageRecipe(f"mlcd ({m.teacher_path})", m.steps, m.batch_size, e["mlcd"], (m.rank,),
+                       buffer_latents=buffer_latents(m))]
+    if mds_comparison and m.teacher_path != "mds":
+        mds = params.model_copy(update={"mlcd": m.model_copy(update={"teacher_path": "mds"})})
+        out.append(StageRecipe("mlcd (mds: Alg. 1, for comparison)", m.steps, m.batch_size,
+                               e.get("mlcd_mds") or counted_evals("mlcd", mds, tiny_params), (m.rank,), in_paper=False))
+    return out + [
+        StageRecipe("ilcd", i.steps, i.batch_size, e["ilcd"], (i.rank,)),
+        StageRecipe("mps", params.mps.steps, params.mps.batch_size, e["mps"], (i.rank,)),
+        StageRecipe("dmgan", d.steps, d.batch_size, e["dmgan"], (i.rank, d.fake_rank), trains_head=True),
     ]
 
 
-def params_recipe(params) -> list[StageRecipe]:
-    """The stages as ``params`` (a :class:`tlcm.params.Params`) configures them (used for the `mini` preset)."""
-    b, m, i, mp, d = params.lcm_baseline, params.mlcd, params.ilcd, params.mps, params.dmgan
-    return [
-        StageRecipe("lcm_baseline", b.steps, b.batch_size, mlcd_evals(b.num_segments, b.guidance_scale), (b.rank,),
-                    in_paper=False),
-        StageRecipe("mlcd", m.steps, m.batch_size, mlcd_evals(m.num_segments, m.guidance_scale), (m.rank,)),
-        StageRecipe("ilcd", i.steps, i.batch_size, ilcd_evals(i.teacher_steps_p, i.student_steps_q, i.guidance_scale),
-                    (i.rank,)),
-        StageRecipe("mps", mp.steps, mp.batch_size, mps_evals(mp.teacher_steps_p, mp.student_steps_q,
-                                                              mp.guidance_scale), (i.rank,)),
-        StageRecipe("dmgan", d.steps, d.batch_size, dmgan_evals(d.teacher_steps_p, d.student_steps_q, d.guidance_scale,
-                                                                d.critic_updates, d.disc_tune),
-                    (i.rank, d.fake_rank), trains_head=True),
-    ]
+def sdxl_params(params_file="params.yaml"):
+    """The `sdxl` preset (configs/presets/sdxl.yaml over ``params_file``): the paper's recipe (DESIGN §2): MLCD 12,000
+    iterations at batch 8, iLCD 2,000 (8), MPS 500 (8), DM+GAN 1,000 (4), rank 64, w = 8, M = 8, p = 3, q = 4."""
+    from tlcm.params import load_params
+
+    return load_params(params_file, "sdxl")
+
+
+def smoke_params(params_file="params.yaml"):
+    """The tiny teacher the evaluations are counted on."""
+    from tlcm.params import load_params
+
+    return load_params(params_file, "smoke")
 
 
 # ---- throughput -----------------------------------------------------------------------------------------------------
@@ -598,10 +597,11 @@ class MemoryPlan:
     activation_bytes: int  # per sample: saved for backward by every grad-carrying call alive at the peak
     transient_bytes: int  # per sample: the largest short-lived working set (no-grad solver call, recompute)
     checkpointing: bool
+    buffer_bytes: int = 0  # the teacher buffer's states (float32 latents)
 
     @property
     def fixed_bytes(self) -> int:
-        return self.frozen_bytes + self.trainable_bytes
+        return self.frozen_bytes + self.trainable_bytes + self.buffer_bytes
 
     @property
     def per_sample_bytes(self) -> int:
@@ -639,7 +639,8 @@ def memory_plan(n: NetCosts, r: StageRecipe, checkpointing: bool) -> MemoryPlan:
         transient += [u.student.segment_bytes] + ([n.vae_decode.segment_bytes] if e.vae_decode_grad else [])
     if e.vae_decode_grad:
         transient.append(n.vae_decode_nograd_peak)
-    return MemoryPlan(r.stage, frozen, trainable, act, max(transient), checkpointing)
+    latent = 4 * n.latent_numel  # the buffer keeps float32 latents
+    return MemoryPlan(r.stage, frozen, trainable, act, max(transient), checkpointing, r.buffer_latents * latent)
 
 
 def dmd2_layout_bytes(n: NetCosts) -> dict[str, int]:
@@ -718,7 +719,7 @@ def sdxl_costs(rank: int = 64, lpips_width_divisor: int = 1, dtype: torch.dtype 
     lpips_params, lpips = measure_lpips(4, SDXL_UNET_CONFIG["sample_size"], lpips_width_divisor, dtype)
     return NetCosts(f"SDXL 1024² ({str(dtype).removeprefix('torch.')})", dtype, unet, text_params, text_flops, vae_params, dec_params, vae_cost, vae_peak,
                     "MPS (CLIP ViT-H/14 + cross)", scorer_params, scorer, lpips_params, lpips,
-                    head_param_count(SDXL_UNET_CONFIG))
+                    head_param_count(SDXL_UNET_CONFIG), 4 * SDXL_UNET_CONFIG["sample_size"] ** 2)
 
 
 def mini_unet_config(params) -> dict[str, Any]:
@@ -762,7 +763,7 @@ def mini_costs(params) -> NetCosts:
                                         dtype)
     return NetCosts(f"`{params.preset}` teacher", dtype, unet, text_params, text_flops, vae_params, dec_params,
                     vae_cost, vae_peak, "shapes reward (image side)", param_count(reward), scorer, lpips_params, lpips,
-                    head_param_count(unet_cfg))
+                    head_param_count(unet_cfg), unet_cfg["in_channels"] * unet_cfg["sample_size"] ** 2)
 
 
 def _image_path_sum(reward, images: torch.Tensor) -> torch.Tensor:
@@ -823,16 +824,20 @@ def networks_table(n: NetCosts) -> str:
                    "no-grad peak MiB"], rows)
 
 
+def _n(x: float) -> str:
+    """A count to two decimals, without trailing zeros (counted means over pairs are not integers)."""
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
 def evals_table(recipe: list[StageRecipe], frac: float) -> str:
     rows = []
     for r in recipe:
         e = r.evals
-        other = ", ".join(s for s in [f"{e.vae_decode_grad:g} VAE decode fwd+bwd" if e.vae_decode_grad else "",
-                                      f"{e.scorer_grad:g} scorer fwd+bwd" if e.scorer_grad else "",
-                                      f"{e.lpips:g} LPIPS", f"{e.text:g} prompt encoding"] if s)
-        rows.append([r.stage, f"{e.teacher:g}", f"{e.student:g}", f"{e.student_grad:g}",
-                     f"{e.fake:g} / {e.fake_grad:g}",
-                     f"{e.encoder:g} / {e.encoder_grad:g}", other, f"{unet_forward_equivalents(e, frac):.2f}"])
+        other = ", ".join(s for s in [f"{_n(e.vae_decode_grad)} VAE decode fwd+bwd" if e.vae_decode_grad else "",
+                                      f"{_n(e.scorer_grad)} scorer fwd+bwd" if e.scorer_grad else "",
+                                      f"{_n(e.lpips)} LPIPS", f"{_n(e.text)} prompt encoding"] if s)
+        rows.append([r.stage, _n(e.teacher), _n(e.student), _n(e.student_grad), f"{_n(e.fake)} / {_n(e.fake_grad)}",
+                     f"{_n(e.encoder)} / {_n(e.encoder_grad)}", other, f"{unet_forward_equivalents(e, frac):.2f}"])
     return _table(["stage", "teacher (CFG = 2)", "student no-grad", "student fwd+bwd", "fake no-grad / fwd+bwd",
                    "encoder no-grad / fwd+bwd", "other calls", "UNet fwd-equivalents"], rows)
 
@@ -918,16 +923,18 @@ class Plan:
         return A100_MEMORY_BYTES * (1 - self.headroom)
 
 
-def sdxl_plan(mfu: float = 0.40, headroom: float = 0.10, rank: int = 64, fake_rank: int = 64,
-              dtype: torch.dtype = torch.bfloat16) -> Plan:
-    """The paper's recipe on SDXL, measured on the meta device (about 20 s of CPU, no memory). ``dtype``: bf16 (the
-    plan) or fp32 (what ``load_teacher``'s default dtype gives today)."""
-    return Plan(sdxl_costs(rank, dtype=dtype), paper_recipe(rank=rank, fake_rank=fake_rank), True, mfu, headroom)
+def sdxl_plan(mfu: float = 0.40, headroom: float = 0.10, dtype: torch.dtype = torch.bfloat16,
+              params_file="params.yaml") -> Plan:
+    """The `sdxl` preset's recipe on SDXL: networks measured on the meta device, evaluations counted on a tiny teacher
+    (about a minute of CPU, no memory). ``dtype``: bf16 (the plan) or fp32."""
+    params = sdxl_params(params_file)
+    return Plan(sdxl_costs(params.mlcd.rank, dtype=dtype),
+                params_recipe(params, smoke_params(params_file), mds_comparison=True), True, mfu, headroom)
 
 
-def mini_plan(params) -> Plan:
+def mini_plan(params, params_file="params.yaml") -> Plan:
     """The `mini` preset's stages as ``params`` sets them (fp32, CPU)."""
-    return Plan(mini_costs(params), params_recipe(params), gpu=False)
+    return Plan(mini_costs(params), params_recipe(params, smoke_params(params_file), mds_comparison=True), gpu=False)
 
 
 def throughput_note(n: NetCosts, plan: Plan) -> str:
@@ -945,7 +952,9 @@ def markdown_tables(plan: Plan) -> str:
              f"Discriminator encoder (down + mid blocks) = {frac:.1%} of a teacher forward's FLOPs. Saved bytes are "
              "per sample; checkpointed = held from forward to backward with the model's gradient checkpointing, "
              "(+…) = the largest segment, re-created one at a time in backward.",
-             f"### {n.name}: network calls per iteration per sample (our code)", evals_table(plan.recipe, frac)]
+             f"### {n.name}: network calls per iteration per sample (counted on our code: each stage's step on a tiny "
+             f"teacher with a counting UNet; the MDS path's random segments over {MDS_COUNT_BATCH} pairs)",
+             evals_table(plan.recipe, frac)]
     if not plan.gpu:
         parts += [f"### {n.name}: compute and memory per stage (computed, {str(n.dtype).removeprefix('torch.')}, "
                   "no checkpointing, as the CPU run does)", cpu_table(n, plan.recipe)]
