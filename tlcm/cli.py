@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--mfu", type=float, default=0.40, help="assumed A100 model-FLOPs utilisation (default 0.40)")
     pl.add_argument("--headroom", type=float, default=0.10, help="fraction of the 80 GiB kept free (default 0.10)")
     pl.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="SDXL weights/activations")
+
+    from tlcm.check_gpu import add_arguments
+
+    cg = sub.add_parser("check-gpu", help="the GPU acceptance check (smoke pipeline, SDXL-architecture stages, 1024² "
+                        "sampling, bf16 vs float32) -> JSON; on a machine without CUDA it says so and exits 0")
+    add_arguments(cg)
     return ap
 
 
@@ -104,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     log = logging.getLogger("tlcm")
+    if args.cmd == "check-gpu":
+        from tlcm.check_gpu import run
+
+        return run(args)
     try:
         params = load_params(args.params, args.preset)
         paths = Paths(Path(args.artifacts))

@@ -94,10 +94,12 @@ def load_for_sampling(source: str, dtype: torch.dtype = torch.float32, device: t
 
 def load_frozen_teacher(teacher_params, artifacts_teacher: Path):
     """The teacher as the distillation stages use it: frozen weights in ``teacher.dtype`` and, with
-    ``teacher.gradient_checkpointing``, UNet activations recomputed in backward (the SDXL memory plan)."""
+    ``teacher.gradient_checkpointing``, the activations of the UNet and of the VAE decoder (`mps` backpropagates
+    through it) recomputed in backward (the SDXL memory plan, `tlcm plan`, assumes both)."""
     pipe = load_teacher(resolve_teacher(teacher_params.source, artifacts_teacher), dtype=frozen_dtype(teacher_params))
     if teacher_params.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+        pipe.vae.enable_gradient_checkpointing()
     return pipe
 
 

@@ -1,0 +1,321 @@
+"""`tlcm check-gpu` (also ``python -m tlcm.check_gpu``): the GPU acceptance check, one command.
+
+On a machine with a CUDA GPU it
+
+(a) runs the `smoke` pipeline end to end on the GPU (every stage, temporary artifacts, tracking off);
+(b) builds an SDXL-architecture pipeline from SDXL's own configs (:mod:`tlcm.plan`; random weights, nothing
+    downloaded) and runs a few iterations of `mlcd`, `ilcd`, `mps` and `dmgan` with the `sdxl` preset's settings
+    (1024², frozen weights in ``teacher.dtype``, gradient checkpointing, the teacher buffer) at the batch each GPU
+    of a ``--gpus``-GPU launch trains (the preset's global batch / ``--gpus``), timing each and reading the peak
+    GPU memory next to `tlcm plan`'s prediction for the same settings;
+(c) samples the benchmark's rows at 1024² for a handful of prompts (teacher DDIM + CFG at 25 steps, the TLCM
+    scheduler at 4), timing seconds per image;
+
+and checks that bf16 and float32 agree on one teacher CFG-DDIM step (the same weights in both). It writes JSON
+(format in the README) and prints a one-line summary per part. It needs only torch, diffusers, peft, transformers,
+accelerate and safetensors for (b), (c) and the bf16 check (part (a) also needs the project's other dependencies;
+without them it is reported as skipped). Without a CUDA device it prints one line and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+
+BUDGET_S = 8 * 60
+CHECK_STAGES = ("mlcd", "ilcd", "mps", "dmgan")
+GiB = 2**30
+
+
+def no_cuda_line() -> str | None:
+    """The one line printed instead of the check when there is no CUDA device (None when there is one)."""
+    if torch.cuda.is_available():
+        return None
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+    return f"tlcm check-gpu: no CUDA device (torch {torch.__version__}, {build}); nothing to check on this machine"
+
+
+# ---- params without pydantic ------------------------------------------------------------------------------------
+
+class _Section(SimpleNamespace):
+    def section(self, name: str):
+        return getattr(self, name)
+
+
+def _namespace(d: Any) -> Any:
+    return _Section(**{k: _namespace(v) for k, v in d.items()}) if isinstance(d, dict) else d
+
+
+def load_preset(params_file: str | Path, preset: str):
+    """The resolved params of ``preset``: validated by :func:`tlcm.params.load_params` when pydantic is installed,
+    else the same YAML merge (``params.yaml`` is the `mini` preset in full, the preset file overlays it) read as a
+    plain namespace."""
+    try:
+        from tlcm.params import load_params
+    except ImportError:
+        import yaml
+
+        def merge(a: dict, b: dict) -> dict:
+            return {**a, **{k: merge(a[k], v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
+                            for k, v in b.items()}}
+
+        base = yaml.safe_load(Path(params_file).read_text())
+        over = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "presets" / f"{preset}.yaml")
+                              .read_text())
+        return _namespace({**merge(base, over), "preset": preset})
+    return load_params(params_file, preset)
+
+
+def _with(params, stage: str, **update):
+    """``params`` with ``stage``'s section updated (pydantic models or the plain namespace)."""
+    section = params.section(stage)
+    if hasattr(section, "model_copy"):
+        return params.model_copy(update={stage: section.model_copy(update=update)})
+    out = copy.copy(params)
+    setattr(out, stage, _Section(**{**vars(section), **update}))
+    return out
+
+
+# ---- the parts ----------------------------------------------------------------------------------------------------
+
+def smoke_pipeline(params_file: str | Path) -> dict:
+    """(a) Every stage of the `smoke` preset in this process (on its GPU), tracking off, in a temporary folder."""
+    os.environ["TLCM_TRACKING"] = "0"
+    try:
+        from tasks.registry import STAGES, run_stage
+        from tlcm.params import load_params
+        from tlcm.paths import Paths
+    except ImportError as e:
+        return {"ok": False, "skipped": f"needs the project's dependencies (pip install -e .): {e}"}
+    params = load_params(params_file, "smoke")
+    paths = Paths(Path(tempfile.mkdtemp(prefix="tlcm-check-smoke-")))
+    stages: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for name in STAGES:
+        t = time.perf_counter()
+        run_stage(name, params, paths)
+        stages[name] = round(time.perf_counter() - t, 2)
+    bench = json.loads((paths.benchmark / "benchmark.json").read_text())
+    return {"ok": True, "seconds": round(time.perf_counter() - t0, 1), "stages": stages,
+            "benchmark_rows": len(bench["rows"]), "artifacts": str(paths.root)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+
+
+def _reset(nets, device: torch.device) -> None:
+    """Drop every adapter (the next stage adds its own) and the last stage's memory."""
+    unet = nets.pipe.unet
+    if getattr(unet, "peft_config", None):
+        unet.delete_adapters(list(unet.peft_config))
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def stage_timing(stage: str, params, nets, iterations: int, device: torch.device) -> dict:
+    """Seconds per iteration (after the first, which also makes the buffer's chunk and warms the kernels), the
+    first iteration's extra seconds, and the peak GPU memory of ``iterations`` steps of ``stage``."""
+    from tlcm.rig import stage_step
+
+    _reset(nets, device)
+    nets.scorer.to(device if stage == "mps" else "cpu")  # resident only where the stage uses it, as in the plan
+    step, _ = stage_step(stage, params, nets)
+    times = []
+    for i in range(iterations):
+        _sync(device)
+        t = time.perf_counter()
+        terms = step(i)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    steady = sum(times[1:]) / max(1, len(times) - 1)
+    section = params.section(stage)
+    out = {"batch_per_gpu": section.batch_size, "iterations": iterations, "seconds_per_iteration": round(steady, 3),
+           "first_iteration_extra_seconds": round(times[0] - steady, 2), "peak_gib": _peak_gib(device),
+           "finite": all(v == v for v in terms.values())}
+    if stage in ("mlcd", "lcm_baseline") and section.teacher_path == "buffer":
+        out["buffer_chunk_seconds"] = out["first_iteration_extra_seconds"]
+        out["seconds_per_iteration_with_chunks"] = round(steady + max(0.0, times[0] - steady) / section.buffer_refresh, 3)
+    del step
+    return out
+
+
+def planned_gib(stage: str, params, tiny_params, costs, batch: int) -> dict:
+    """`tlcm plan`'s prediction for ``stage`` on one GPU at ``batch`` (with and without gradient checkpointing)."""
+    from tlcm import plan as P
+    from tlcm.rig import count_evals
+
+    section = params.section(stage)
+    ranks = (params.ilcd.rank, params.dmgan.fake_rank) if stage == "dmgan" else (
+        params.ilcd.rank if stage == "mps" else section.rank,)
+    recipe = P.StageRecipe(stage, section.steps, batch, count_evals(stage, params, tiny_params), ranks,
+                           trains_head=stage == "dmgan")
+    return {"plan_gib": P.memory_plan(costs, recipe, params.teacher.gradient_checkpointing).total_bytes(batch) / GiB,
+            "plan_gib_without_checkpointing": P.memory_plan(costs, recipe, False).total_bytes(batch) / GiB}
+
+
+def sampling(nets, params, n_prompts: int, device: torch.device) -> dict:
+    """(c) The benchmark's sampling at the teacher's resolution: teacher DDIM + CFG at 25 steps and the TLCM
+    scheduler at 4 (no LoRA: the weights are random; this times the sampler), decoding included."""
+    from models.scheduler import TLCMScheduler
+    from tasks.generate import student_samples, teacher_ddim
+    from tlcm.teacher_io import upcast_vae
+
+    _reset(nets, device)
+    pipe = nets.pipe
+    upcast_vae(pipe.vae, always=True)
+    prompts = nets.prompts[:n_prompts]
+    w = params.evaluate.guidance_scale
+    rows = []
+    for label, run in (("teacher DDIM + CFG", lambda: teacher_ddim(pipe, prompts, 25, w, 0, n_prompts)),
+                       ("TLCM scheduler", lambda: student_samples(pipe, prompts, 4, 0, n_prompts,
+                                                                  TLCMScheduler.from_config(pipe.scheduler.config)))):
+        s = run()
+        rows.append({"method": label, "steps": 25 if label.startswith("teacher") else 4,
+                     "sec_per_image": round(s.seconds_per_image, 4), "unet_evals_per_image": s.unet_evals_per_image,
+                     "image_shape": list(s.images.shape[1:])})
+    return {"prompts": len(prompts), "resolution": pipe.unet.config.sample_size * pipe.vae_scale_factor,
+            "vae_dtype": str(pipe.vae.dtype).removeprefix("torch."), "peak_gib": _peak_gib(device), "rows": rows}
+
+
+@torch.no_grad()
+def dtype_agreement(nets, params, device: torch.device, tolerance: float = 0.05) -> dict:
+    """One teacher CFG-DDIM step (t = 999 → 979) from the same z_T with the same weights in the frozen dtype and in
+    float32: relative RMS difference of ε̃ and of the next state."""
+    from models.denoiser import Denoiser, encode_prompts
+    from models.diffusion import ddim_step
+
+    _reset(nets, device)
+    pipe = nets.pipe
+    unet = pipe.unet
+    unet32 = copy.deepcopy(unet).float()
+    cfg = unet.config
+    z = torch.randn((2, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+                    generator=torch.Generator().manual_seed(0)).to(device)
+    t, s = torch.tensor(999, device=device), torch.tensor(979, device=device)
+    cond = encode_prompts(pipe, nets.prompts[:2])
+    ac = pipe.scheduler.alphas_cumprod.to(device)
+    out = {}
+    for name, u in (("frozen", unet), ("float32", unet32)):
+        eps = Denoiser(u, ac).eps_cfg(z, t, cond, params.evaluate.guidance_scale)
+        out[name] = (eps, ddim_step(z, eps, t, s, ac))
+    del unet32
+    rel = lambda a, b: float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())  # noqa: E731
+    e_rel, z_rel = rel(out["frozen"][0], out["float32"][0]), rel(out["frozen"][1], out["float32"][1])
+    return {"dtype": str(next(unet.parameters()).dtype).removeprefix("torch."), "eps_rel_rms": e_rel,
+            "next_state_rel_rms": z_rel, "tolerance": tolerance, "agree": e_rel < tolerance}
+
+
+def sdxl_part(params, tiny_params, nets_fn: Callable[[], Any], gpus: int, iterations: int, device: torch.device,
+              costs=None, deadline: float = float("inf")) -> dict:
+    """(b) The four stages on SDXL-architecture networks at each GPU's batch of a ``gpus``-GPU launch."""
+    nets = nets_fn()
+    stages = {}
+    for stage in CHECK_STAGES:
+        if time.monotonic() > deadline:
+            stages[stage] = {"skipped": "time budget spent"}
+            continue
+        batch = max(1, params.section(stage).batch_size // gpus)
+        update = {"batch_size": batch}
+        if stage == "mlcd" and params.mlcd.teacher_path == "buffer":  # this GPU's share of a chunk, as in the launch
+            update["buffer_trajectories"] = max(batch, params.mlcd.buffer_trajectories // gpus)
+        p = _with(params, stage, **update)
+        stages[stage] = stage_timing(stage, p, nets, iterations, device)
+        if costs is not None:
+            stages[stage] |= planned_gib(stage, p, tiny_params, costs, batch)
+    return {"gpus_in_launch": gpus, "dtype": params.teacher.dtype,
+            "gradient_checkpointing": params.teacher.gradient_checkpointing, "stages": stages}, nets
+
+
+def run_check(params_file: str | Path, out: Path, gpus: int = 4, iterations: int = 3, n_prompts: int = 4,
+              parts: tuple[str, ...] = ("smoke", "sdxl", "sampling", "dtype")) -> dict:
+    """Every part on the CUDA device; the JSON written to ``out`` and returned."""
+    from tlcm import plan as P
+    from tlcm.rig import sdxl_networks
+
+    t0 = time.monotonic()
+    device = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(device)
+    report: dict[str, Any] = {"device": {"name": props.name, "capability": list(torch.cuda.get_device_capability()),
+                                         "memory_gib": round(props.total_memory / GiB, 1), "torch": torch.__version__,
+                                         "cuda": torch.version.cuda}}
+    params = load_preset(params_file, "sdxl")
+    tiny = load_preset(params_file, "smoke")
+    deadline = t0 + BUDGET_S
+    if "smoke" in parts:
+        report["smoke"] = smoke_pipeline(params_file)
+        _log("smoke", report["smoke"])
+    nets = None
+    if "sdxl" in parts:
+        dtype = getattr(torch, params.teacher.dtype)
+        costs = P.sdxl_costs(params.mlcd.rank, dtype=dtype)
+        report["sdxl"], nets = sdxl_part(params, tiny, lambda: sdxl_networks(device, dtype), gpus, iterations, device,
+                                         costs, deadline)
+        _log("sdxl", report["sdxl"])
+    if nets is None and ({"sampling", "dtype"} & set(parts)):
+        nets = sdxl_networks(device, getattr(torch, params.teacher.dtype))
+    if "sampling" in parts:
+        report["sampling"] = sampling(nets, params, n_prompts, device) if time.monotonic() < deadline else \
+            {"skipped": "time budget spent"}
+        _log("sampling", report["sampling"])
+    if "dtype" in parts:
+        report["bf16_vs_float32"] = dtype_agreement(nets, params, device)
+        _log("bf16_vs_float32", report["bf16_vs_float32"])
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    report["within_budget"] = report["seconds"] <= BUDGET_S
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+def _log(part: str, res: dict) -> None:
+    print(f"tlcm check-gpu: {part}: {json.dumps(res, default=str)[:400]}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tlcm check-gpu", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--params", default="params.yaml", help="params file the presets overlay (default: params.yaml)")
+    ap.add_argument("--out", default="check_gpu.json", help="where the JSON goes (default: check_gpu.json)")
+    ap.add_argument("--gpus", type=int, default=4, help="GPUs of the launch whose per-GPU batch to run (default 4, "
+                    "the full-a100 deployment's)")
+    ap.add_argument("--iterations", type=int, default=3, help="training iterations per stage (default 3)")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts sampled at 1024² (default 4)")
+    ap.add_argument("--parts", default="smoke,sdxl,sampling,dtype", help="comma-separated subset of "
+                    "smoke,sdxl,sampling,dtype")
+
+
+def run(args: argparse.Namespace) -> int:
+    line = no_cuda_line()
+    if line is not None:
+        print(line)
+        return 0
+    report = run_check(args.params, Path(args.out), args.gpus, args.iterations, args.prompts,
+                       tuple(p for p in args.parts.split(",") if p))
+    print(f"tlcm check-gpu: done in {report['seconds']} s (budget {BUDGET_S} s) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
