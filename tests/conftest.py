@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# 2 threads (CI), unless OMP_NUM_THREADS says otherwise (on a shared machine, 2 threads per process oversubscribe the
+# cores and a tiny UNet call takes seconds instead of milliseconds)
+torch.set_num_threads(max(1, min(int(os.environ.get("OMP_NUM_THREADS") or 2), os.cpu_count() or 1)))
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TLCM_CHECK_READS", "1")  # a stage that reads an artifact it does not declare fails (tlcm/read_audit.py)

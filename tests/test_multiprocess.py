@@ -132,7 +132,7 @@ def test_buffer_and_quick_eval_on_two_processes(smoke_artifacts, smoke_params, t
 
     d = smoke_params.model_dump(mode="json")
     d["preset"] = "mini"
-    d["mlcd"].update(loss="mse", batch_size=4, steps=3, checkpoint_every=2, teacher_path="buffer",
+    d["mlcd"].update(loss="mse", batch_size=4, steps=3, checkpoint_every=2, teacher_path="buffer", skip=100,
                      buffer_trajectories=8, buffer_refresh=2, eval_every=2, eval_prompts=4)
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump(d, sort_keys=False))

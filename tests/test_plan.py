@@ -124,20 +124,29 @@ def test_counted_mlcd_paths(recipes):
     (counted on 128 random pairs: within 4 standard errors, 1.6); one segment: exactly 2·(1 + 1); w = 1 halves it.
     The buffer: a chunk's CFG steps (every point of every path after z_999) over the pairs it serves."""
     from tasks.teacher_buffer import draw_chunk
-    from models.tlcm import milestones
+    from models.tlcm import PAD, milestones
 
+    tiny = recipes[1]
+    side = tiny.world.image_size // 2 ** (len(tiny.autoencoder.block_out_channels) - 1)
+    LATENT = (tiny.autoencoder.latent_channels, side, side)  # the tiny teacher's latent (tlcm.rig.tiny_networks)
     mds = _count(recipes, "mlcd", batch_size=128, teacher_path="mds")
     assert abs(mds.teacher - 11) < 1.6 and (mds.student, mds.student_grad) == (1, 1)
     assert _count(recipes, "lcm_baseline", teacher_path="mds").teacher == 4
     assert _count(recipes, "lcm_baseline", teacher_path="mds", guidance_scale=1.0).teacher == 2
     params, _ = recipes
-    m = params.mlcd.model_copy(update={"batch_size": 4, "buffer_trajectories": 8, "buffer_refresh": 40})
-    buf = _count(recipes, "mlcd", steps=2, batch_size=4, buffer_trajectories=8, buffer_refresh=40)
-    chunk = draw_chunk(0, m.seed, 8, 4, 40, 64, (4, 8, 8), milestones(8), m.skip)
-    cfg_steps = int((chunk.path[:, 1:] != -2).sum())
+    # counted at skip 100 (~14 CFG steps per trajectory instead of ~57: the same code, fewer UNet calls)
+    m = params.mlcd.model_copy(update={"batch_size": 4, "buffer_trajectories": 8, "buffer_refresh": 40, "skip": 100})
+    buf = _count(recipes, "mlcd", steps=2, batch_size=4, buffer_trajectories=8, buffer_refresh=40, skip=100)
+    chunk = draw_chunk(0, m.seed, 8, 4, 40, 64, LATENT, milestones(8), m.skip)
+    cfg_steps = int((chunk.path[:, 1:] != PAD).sum())
     assert buf.teacher == pytest.approx(2 * cfg_steps / (40 * 4))
     assert (buf.student, buf.student_grad) == (1, 1) and buf.text == pytest.approx(1 + 8 / (40 * 4))
-    assert mds.teacher / buf.teacher > 3
+    # at the sdxl preset's own buffer settings (skip 20), by the same formula: at least 3x fewer than Alg. 1's path
+    p = params.mlcd
+    chunk = draw_chunk(0, p.seed, p.buffer_trajectories, p.batch_size, p.buffer_refresh, 64, LATENT,
+                       milestones(p.num_segments), p.skip)
+    per_pair = 2 * int((chunk.path[:, 1:] != PAD).sum()) / (p.buffer_refresh * p.batch_size)
+    assert mds.teacher / per_pair > 3
 
 
 def test_memory_plan_and_hours_arithmetic():

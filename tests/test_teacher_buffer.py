@@ -44,8 +44,9 @@ def test_buffered_pairs_are_alg1_pairs(tiny, smoke_params):
 
     pipe = tiny.pipe
     teacher = FrozenTeacher(Denoiser(pipe.unet, pipe.scheduler.alphas_cumprod))
+    # skip 100 (< 1000 / M): ~14 CFG steps per trajectory instead of ~57 at skip 20, same code path
     p = smoke_params.mlcd.model_copy(update={"teacher_path": "buffer", "batch_size": 4, "buffer_trajectories": 8,
-                                             "buffer_refresh": 5})
+                                             "buffer_refresh": 5, "skip": 100})
     ms = milestones(p.num_segments)
     buf = TeacherBuffer(p, pipe, teacher, tiny.prompts, ms, (4, 8, 8))
     for step in (0, 4, 5):
@@ -68,7 +69,7 @@ def test_buffered_pairs_are_alg1_pairs(tiny, smoke_params):
 def _params(smoke_params, steps: int):
     return smoke_params.model_copy(update={"mlcd": smoke_params.mlcd.model_copy(update={
         "teacher_path": "buffer", "loss": "mse", "batch_size": 2, "buffer_trajectories": 4, "buffer_refresh": 3,
-        "steps": steps, "checkpoint_every": 2, "eval_every": 0})})
+        "skip": 100, "steps": steps, "checkpoint_every": 2, "eval_every": 0})})
 
 
 def test_buffered_mlcd_resumes_exactly(smoke_artifacts, smoke_params, tmp_path_factory):
@@ -94,5 +95,14 @@ def test_buffered_mlcd_resumes_exactly(smoke_artifacts, smoke_params, tmp_path_f
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     m = json.loads((roots[0].metrics / "mlcd.json").read_text())
     assert m["teacher_path"] == "buffer" and m["buffer"]["chunks_made"] == 2
-    # chunk 0 (4 trajectories, ~57 CFG steps each) serves 3 steps of 2 pairs, chunk 1 one step so far
-    assert 2 * 4 * 50 * 2 / 8 < m["teacher_unet_evals_per_sample"] < 2 * 4 * 65 * 2 / 8
+    # every CFG step of chunks 0 and 1 (2 evaluations each) over the 4 steps x 2 pairs they served
+    from models.tlcm import PAD
+    from tasks.teacher_buffer import draw_chunk
+
+    p = _params(smoke_params, 4).mlcd
+    u = json.loads((smoke_artifacts.teacher / "unet" / "config.json").read_text())
+    shape = (u["in_channels"], u["sample_size"], u["sample_size"])
+    n_prompts = smoke_params.world.n_train_prompts
+    cfg_steps = sum(int((draw_chunk(c, p.seed, 4, 2, 3, n_prompts, shape, milestones(p.num_segments), p.skip)
+                         .path[:, 1:] != PAD).sum()) for c in (0, 1))
+    assert m["teacher_unet_evals_per_sample"] == pytest.approx(2 * cfg_steps / 8)
