@@ -82,13 +82,16 @@ def test_benchmark_and_generate_run_on_the_device(chain, smoke_params, tmp_path_
         (paths.metrics / f"{name}.json").parent.mkdir(parents=True, exist_ok=True)
         (paths.metrics / f"{name}.json").symlink_to(chain.metrics / f"{name}.json")
     params = smoke_params.model_copy(update={"evaluate": smoke_params.evaluate.model_copy(
-        update={"student_stages": ("mlcd", "dmgan"), "teacher_steps": (2,), "student_steps": (2,),
-                "lcm_steps": (2,)})})
+        update={"student_stages": ("mlcd", "dmgan"), "reference_steps": 2, "student_steps": (2,), "lcm_steps": (2,),
+                # one training-free baseline: the ancestral sampler's noise draws must land on the device too
+                "baseline_samplers": ("euler_a",), "baseline_steps": (2,), "baseline_guidance": (1.0, 2.0),
+                "selection_prompts": 4, "sample_seeds": 2})})
     with fake_cuda(monkeypatch) as mode:
         run_stage("evaluate", params, paths)
     assert mode.devices_of("UNet2DConditionModel", "Decoder") == {"cuda"}
     rows = json.loads((paths.benchmark / "benchmark.json").read_text())["rows"]
-    assert {r["method"] for r in rows} >= {"teacher DDIM + CFG", "TLCM after dmgan"}
+    assert {r["method"] for r in rows} >= {"teacher DDIM + CFG (reference)", "teacher + Euler ancestral",
+                                           "TLCM after dmgan"}
 
     for lora in (None, str(chain.lora("dmgan"))):
         with fake_cuda(monkeypatch) as mode:
@@ -138,7 +141,8 @@ def test_bf16_frozen_weights_train_and_sample(chain, smoke_params, tmp_path_fact
     for st in ("mps", "dmgan"):
         params = params.model_copy(update={st: params.section(st).model_copy(update={"steps": 1, "checkpoint_every": 1})})
     params = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={
-        "student_stages": ("dmgan",), "teacher_steps": (2,), "student_steps": (2,), "n_prompts": 4})})
+        "student_stages": ("dmgan",), "reference_steps": 2, "student_steps": (2,), "n_prompts": 4,
+        "baseline_samplers": ("dpmpp_2m",), "baseline_steps": (2,), "baseline_guidance": (2.0,), "selection_prompts": 4})})
     paths = _root(tmp_path_factory, "bf16", chain, ("lora_mps", "lora_dmgan", "benchmark"))
     handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     try:
@@ -151,4 +155,4 @@ def test_bf16_frozen_weights_train_and_sample(chain, smoke_params, tmp_path_fact
         handle.remove()
     assert seen and set(seen) == {torch.bfloat16}
     rows = json.loads((paths.benchmark / "benchmark.json").read_text())["rows"]
-    assert {r["method"] for r in rows} >= {"teacher DDIM + CFG", "TLCM after dmgan"}
+    assert {r["method"] for r in rows} >= {"teacher DDIM + CFG (reference)", "TLCM after dmgan"}
