@@ -2,8 +2,10 @@
 with the sdxl preset's precision settings (bf16 frozen weights, gradient checkpointing, the teacher buffer).
 Whether it passes on a GPU is only known from a GPU run (README: "GPU acceptance check")."""
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +37,20 @@ def test_the_check_imports_nothing_beyond_the_gpu_image(tmp_path):
 
     p = load_params(REPO / "params.yaml", "sdxl")
     assert r.stdout.split() == [p.mlcd.teacher_path, str(p.mlcd.batch_size), p.teacher.dtype, str(p.dmgan.batch_size)]
+
+
+def test_smoke_part_runs_the_declared_stages(monkeypatch):
+    """(a) runs stages by their declarations, tracking off (here only `world`, on the CPU: the whole pipeline is the
+    GPU run's); without the pipeline's dependencies it says which are missing instead of failing."""
+    from tlcm import check_gpu as C
+
+    monkeypatch.setenv("TLCM_TRACKING", "auto")
+    r = C.smoke_pipeline(REPO / "params.yaml", ("world",))
+    assert r["ok"] and list(r["stages"]) == ["world"] and r["benchmark_rows"] is None
+    assert (Path(r["artifacts"]) / "world" / "world.json").is_file() and os.environ["TLCM_TRACKING"] == "0"
+    monkeypatch.setattr(C, "PIPELINE_PACKAGES", ("no_such_package_xyz",))
+    r = C.smoke_pipeline(REPO / "params.yaml")
+    assert not r["ok"] and "no_such_package_xyz not installed" in r["skipped"]
 
 
 def test_parts_on_the_cpu_at_smoke_size(smoke_params, tmp_path):

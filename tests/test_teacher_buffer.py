@@ -88,7 +88,8 @@ def test_buffered_mlcd_resumes_exactly(smoke_artifacts, smoke_params, tmp_path_f
         roots.append(Paths(root))
     run_stage("mlcd", _params(smoke_params, 4), roots[0])
     run_stage("mlcd", _params(smoke_params, 2), roots[1])
-    ckpt = json.loads((roots[1].checkpoints("mlcd") / "latest.json").read_text())
+    (pointer,) = roots[1].checkpoints("mlcd").glob("*/latest.json")  # one folder per run identity
+    ckpt = json.loads(pointer.read_text())
     assert ckpt["step"] == 2
     run_stage("mlcd", _params(smoke_params, 4), roots[1])
     a, b = (load_file(r.lora("mlcd") / "pytorch_lora_weights.safetensors") for r in roots)
