@@ -30,17 +30,17 @@ import numpy as np
 import torch
 
 from models.controlnet import edge_map
-from models.denoiser import Denoiser, encode_prompts
+from models.denoiser import encode_prompts
 from models.evaluator import PROMPTED_HEADS, attribute_correct
 from models.sampling import sample_with_scheduler, unet_evals
 from models.scheduler import TLCMScheduler, tlcm_timesteps
 from tasks.evaluator import aligned, labels_tensor
-from tasks.generate import decode, initial_noise, load_student_pipe
+from tasks.generate import decode, load_student_pipe, model_and_noise
 from tlcm import render as R
 from tlcm import world as W
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.teacher_io import load_teacher, resolve_teacher
+from tlcm.teacher_io import frozen_dtype, load_for_sampling, resolve_teacher
 
 log = logging.getLogger("tlcm")
 
@@ -97,15 +97,15 @@ def application_images(kind: str, pipe, prompts, x, steps: int, w: float, bs: in
     side = x.shape[-1]
     if kind == "img2img":
         n = steps if w != 1.0 else img2img_inference_steps(steps, a.img2img_strength)
-        p = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
+        p = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe, dtype=pipe.dtype)
         return _run(p, prompts, bs, seed, image=x, strength=a.img2img_strength, num_inference_steps=n, guidance_scale=w)
     if kind == "inpaint":
         mask = torch.zeros(len(prompts), 1, side, side)
         mask[..., side // 2:] = 1.0  # repaint the right half
-        p = StableDiffusionXLInpaintPipeline.from_pipe(pipe)
+        p = StableDiffusionXLInpaintPipeline.from_pipe(pipe, dtype=pipe.dtype)
         return _run(p, prompts, bs, seed, image=x, mask_image=mask, strength=1.0, num_inference_steps=steps,
                     guidance_scale=w, height=side, width=side)
-    p = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    p = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=controlnet, dtype=pipe.dtype)
     return _run(p, prompts, bs, seed, image=edge_map(x), controlnet_conditioning_scale=a.controlnet_scale,
                 num_inference_steps=steps, guidance_scale=w, height=side, width=side)
 
@@ -115,23 +115,26 @@ def stock_path_rows(student, net, specs, prompts, label: str, seed: int) -> list
     """The benchmark sampler vs plain diffusers (TLCMScheduler) vs stock LCMScheduler(timesteps=...)."""
     from diffusers import LCMScheduler, StableDiffusionXLPipeline
 
-    side = student.unet.config.sample_size
-    z_T = initial_noise(len(prompts), (student.unet.config.in_channels, side, side), seed)
+    model, z_T = model_and_noise(student, len(prompts), seed)  # on the student's device
     gen = lambda: torch.Generator().manual_seed(seed + 1)  # noqa: E731 - the same noise stream for every path
     ts = tlcm_timesteps(STOCK_STEPS)
-    ours = sample_with_scheduler(Denoiser(student.unet, student.scheduler.alphas_cumprod), encode_prompts(student, prompts),
-                                 TLCMScheduler.from_config(student.scheduler.config), STOCK_STEPS, z_T, 1.0, gen())
-    plain = StableDiffusionXLPipeline.from_pipe(student, scheduler=TLCMScheduler.from_config(student.scheduler.config))
-    lcm = StableDiffusionXLPipeline.from_pipe(student, scheduler=LCMScheduler.from_config(student.scheduler.config))
+    ours = sample_with_scheduler(model, encode_prompts(student, prompts), TLCMScheduler.from_config(student.scheduler.config),
+                                 STOCK_STEPS, z_T, 1.0, gen())
+    # from_pipe casts the shared modules to float32 unless told the dtype
+    plain = StableDiffusionXLPipeline.from_pipe(student, scheduler=TLCMScheduler.from_config(student.scheduler.config),
+                                                dtype=student.dtype)
+    lcm = StableDiffusionXLPipeline.from_pipe(student, scheduler=LCMScheduler.from_config(student.scheduler.config),
+                                              dtype=student.dtype)
     for p in (plain, lcm):
         p.set_progress_bar_config(disable=True)
+    z_user = lambda: z_T.to(student.dtype).clone()  # noqa: E731 - diffusers takes latents in the pipeline's dtype
     paths = {
         f"{label}: benchmark sampler (models.sampling + TLCMScheduler)": ours,
         f"{label}: StableDiffusionXLPipeline + TLCMScheduler": plain(
-            prompts, num_inference_steps=STOCK_STEPS, guidance_scale=1.0, latents=z_T.clone(), generator=gen(),
+            prompts, num_inference_steps=STOCK_STEPS, guidance_scale=1.0, latents=z_user(), generator=gen(),
             output_type="latent").images,
         f"{label}: StableDiffusionXLPipeline + LCMScheduler(timesteps={ts})": lcm(
-            prompts, timesteps=ts, guidance_scale=1.0, latents=z_T.clone(), generator=gen(), output_type="latent").images,
+            prompts, timesteps=ts, guidance_scale=1.0, latents=z_user(), generator=gen(), output_type="latent").images,
     }
     rows = []
     for method, z0 in paths.items():
@@ -158,16 +161,17 @@ def benchmark_rows(params: Params, paths: Paths, net, specs: list[W.Spec]) -> li
     prompts = [s.caption() for s in specs]
     x = R.to_unit_tensor(R.render_batch(specs, e.seed + 21, params.world.image_size))
     source = resolve_teacher(params.teacher.source, paths.teacher)
-    student = load_student_pipe(source, paths.lora(stage))
+    dtype = frozen_dtype(params.teacher)  # both pipelines on the process's device, frozen weights in teacher.dtype
+    student = load_student_pipe(source, paths.lora(stage), dtype=dtype)
     label = f"TLCM after {stage}"
     rows = stock_path_rows(student, net, specs, prompts, label, e.seed)
-    teacher = load_teacher(source)
+    teacher = load_for_sampling(source, dtype)
     from diffusers import ControlNetModel, DDIMScheduler
 
     teacher.scheduler = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing",
                                                   clip_sample=False)
     has_cn = (paths.controlnet / "config.json").is_file()
-    cn = ControlNetModel.from_pretrained(paths.controlnet).eval() if has_cn else None
+    cn = ControlNetModel.from_pretrained(paths.controlnet).to(teacher.device, dtype).eval() if has_cn else None
     for kind in ("img2img", "inpaint") + (("controlnet",) if has_cn else ()):
         log.info("applications: %s, teacher %d steps and TLCM %s steps, %d prompts", kind, a.teacher_steps,
                  list(a.steps), len(prompts))

@@ -34,7 +34,7 @@ def decode(pipe, z0: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _model_and_noise(pipe, n: int, seed: int) -> tuple[Denoiser, torch.Tensor]:
+def model_and_noise(pipe, n: int, seed: int) -> tuple[Denoiser, torch.Tensor]:
     """The UNet as a Denoiser and every prompt's z_T, both on the UNet's device."""
     dev = pipe.unet.device
     side = pipe.unet.config.sample_size
@@ -45,7 +45,7 @@ def _model_and_noise(pipe, n: int, seed: int) -> tuple[Denoiser, torch.Tensor]:
 @torch.no_grad()
 def teacher_ddim(pipe, prompts: list[str], steps: int, w: float, seed: int, batch_size: int) -> Samples:
     """Teacher DDIM with CFG (trailing timesteps), text encoding and VAE decoding included in the timing."""
-    model, z_T = _model_and_noise(pipe, len(prompts), seed)
+    model, z_T = model_and_noise(pipe, len(prompts), seed)
     out = []
     t0 = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
@@ -62,7 +62,7 @@ def student_samples(pipe, prompts: list[str], steps: int, seed: int, batch_size:
     """Few-step samples of ``pipe.unet`` as it is (LoRA loaded or fused, or the bare teacher for the
     training-free baselines) with ``scheduler``; CFG weight ``guidance`` (1 = off, the students' setting).
     The re-noising draws come from a CPU generator (identical on every device) and are moved to the UNet's."""
-    model, z_T = _model_and_noise(pipe, len(prompts), seed)
+    model, z_T = model_and_noise(pipe, len(prompts), seed)
     gen = torch.Generator().manual_seed(seed + 1)
     out = []
     t0 = time.perf_counter()
