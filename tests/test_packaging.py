@@ -30,10 +30,11 @@ def test_version_of_a_local_base_folder_refers_to_it_by_path(tmp_path, smoke_par
     paths = Paths(tmp_path / "art")
     fake_outputs(paths)
     params = smoke_params.model_copy(update={"teacher": smoke_params.teacher.model_copy(
-        update={"source": str(paths.teacher)})})
+        update={"source": str(paths.teacher), "dtype": "bfloat16"})})
     out = tmp_path / "model"
     config = save_pyfunc(params, paths, paths.lora("dmgan"), out, steps=3)
     assert config["kind"] == "path" and config["base_model"] == str(paths.teacher.resolve())
+    assert config["torch_dtype"] == "bfloat16"  # the served model loads its frozen weights in teacher.dtype
     assert config["defaults"] == {"num_inference_steps": 3, "guidance_scale": 1.0, "seed": 0, "height": 32, "width": 32}
     assert not (out / "artifacts" / "base").exists() and lora_folder(out) == out / "artifacts" / "lora"
     sched = json.loads((out / "artifacts" / "scheduler" / "scheduler_config.json").read_text())

@@ -96,7 +96,7 @@ def save_pyfunc(params: Params, paths: Paths, lora: Path, out: Path, steps: int)
                         "(a machine that loads the version needs it there)", base)
     artifacts = {p.name: str(p) for p in sorted(parts.iterdir())}
     defaults = {"num_inference_steps": steps, "guidance_scale": 1.0, "seed": 0, "height": side, "width": side}
-    config = {**ref, "defaults": defaults}
+    config = {**ref, "torch_dtype": params.teacher.dtype, "defaults": defaults}  # frozen weights in teacher.dtype
     mlflow.pyfunc.save_model(
         path=str(out), python_model=str(SERVING_CODE), artifacts=artifacts, model_config=config,
         code_paths=[str(Path(models.__file__).parent)], signature=signature(defaults),
