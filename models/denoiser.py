@@ -107,7 +107,8 @@ class Denoiser:
 
     def eps(self, z: torch.Tensor, t: torch.Tensor, c: Cond) -> torch.Tensor:
         t = torch.as_tensor(t, device=z.device).expand(z.shape[0])
-        dtype = next(self.unet.parameters()).dtype  # conv_in's (a LoRA's float32 weights come after the base's)
+        weights = getattr(self.unet, "parameters", None)  # a plain callable (tests' toy UNets) runs in z's dtype
+        dtype = next(weights()).dtype if weights is not None else z.dtype  # conv_in's (a LoRA's come after the base's)
         c = c.to(dtype)
         added = None if c.pooled is None else {"text_embeds": c.pooled, "time_ids": c.time_ids}
         return self.unet(z.to(dtype), t, encoder_hidden_states=c.prompt_embeds, added_cond_kwargs=added).sample.float()
