@@ -55,6 +55,7 @@ def test_applications_and_stock_paths_in_diffusers_pipelines_with_the_lora(app_r
     assert {r["method"] for r in rows if "no ControlNet" in r["method"]}
 
 
+@pytest.mark.math
 def test_img2img_step_counts():
     assert img2img_inference_steps(2, 0.5) == 4 and img2img_inference_steps(4, 0.5) == 8
     assert img2img_inference_steps(2, 0.75) == 3
@@ -62,6 +63,7 @@ def test_img2img_step_counts():
         img2img_inference_steps(5, 0.5)
 
 
+@pytest.mark.math
 def test_edge_map_marks_object_outlines():
     from models.controlnet import edge_map
 

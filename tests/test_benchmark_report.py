@@ -1,7 +1,11 @@
 """The benchmark's summary arithmetic (tlcm/benchmark_report.py) on hand-made rows."""
 import math
 
+import pytest
+
 from tlcm.benchmark_report import baseline_gaps, best_baselines, distillation_value, markdown, standard_error, summary_markdown
+
+pytestmark = pytest.mark.math
 
 ROWS = [
     {"method": "real renders (two render sets)", "steps": 0, "kind": "real", "alignment": 1.0, "frechet": 1.0},

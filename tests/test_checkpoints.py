@@ -6,10 +6,13 @@ the new run has published."""
 import json
 import logging
 
+import pytest
 import torch
 
 from tlcm.checkpoints import Checkpointer, prune_after_success
 from tlcm.training import run_loop
+
+pytestmark = pytest.mark.math
 
 
 def _state(value: float) -> dict:

@@ -7,6 +7,8 @@ import torch
 from models.diffusion import alpha_bar, alphas_cumprod_scaled_linear, cfg, ddim_step, q_sample, x0_from_eps
 from models.sampling import trailing_timesteps, unet_evals
 
+pytestmark = pytest.mark.math
+
 AC = torch.tensor([0.9, 0.64, 0.36, 0.25], dtype=torch.float64)  # toy ᾱ_t, T = 4
 
 

@@ -20,6 +20,7 @@ def net():
     return LatentLPIPS(in_channels=4, width_divisor=8)
 
 
+@pytest.mark.math
 def test_vgg16_shape_on_latents(net):
     convs = [m for m in net.net.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 13 and convs[0].in_channels == 4
@@ -61,6 +62,7 @@ def test_linear_weights_stay_nonnegative_after_optimiser_step():
     assert isinstance(m.lins[0], NetLinLayer)
 
 
+@pytest.mark.math
 def test_two_afc_score_golden():
     s = two_afc_score([1.0, 2.0, 1.0, 0.5], [2.0, 1.0, 1.0, 0.1], [0.2, 0.7, 0.4, 1.0])
     torch.testing.assert_close(s, torch.tensor([0.8, 0.7, 0.5, 1.0], dtype=torch.float64))
@@ -100,6 +102,7 @@ def test_ranking_head_learns_the_preference():
     assert ((torch.sigmoid(head(d0, d1)) > 0.5).float() == judge).float().mean() > 0.95
 
 
+@pytest.mark.math
 def test_ssim_matches_reference():
     from torchmetrics.functional.image import structural_similarity_index_measure as tm_ssim
 
@@ -132,6 +135,7 @@ def test_synthetic_bapps_has_real_layout_and_reads_back(tmp_path):
     assert not np.array_equal(B.synthetic_triplets(bp, wp, "val", 6).ref, t.ref)
 
 
+@pytest.mark.math
 def test_missing_bapps_gives_clear_error(tmp_path):
     missing = tmp_path / "no-bapps-here"
     with pytest.raises(ArtifactError, match="no-bapps-here") as e:
@@ -145,6 +149,7 @@ def test_missing_bapps_gives_clear_error(tmp_path):
         B.summarize(tmp_path / "no-val", ("val",))
 
 
+@pytest.mark.math
 def test_real_bapps_source_is_checked(tmp_path, smoke_params):
     from tasks import bapps as stage
 

@@ -3,6 +3,7 @@ id is recorded with the revision found in the local Hugging Face cache (no netwo
 folder is referenced by path. (Loading and serving a version: tests/test_integration.py.)"""
 import json
 
+import pytest
 import yaml
 from servers import fake_outputs
 
@@ -12,6 +13,7 @@ from tlcm.paths import Paths
 REV = "0123456789abcdef0123456789abcdef01234567"
 
 
+@pytest.mark.math
 def test_hub_id_is_recorded_with_the_cached_revision(tmp_path, monkeypatch):
     import huggingface_hub.constants
 

@@ -7,24 +7,28 @@ from tlcm.params import ParamsError, load_params
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.math
 def test_default_file_is_mini_and_valid():
     p = load_params(REPO / "params.yaml")
     assert p.preset == "mini"
     assert p.teacher.unet.block_out_channels == (32, 64, 128)
 
 
+@pytest.mark.math
 def test_smoke_overlay_replaces_only_what_it_names():
     mini, smoke = load_params(REPO / "params.yaml"), load_params(REPO / "params.yaml", "smoke")
     assert smoke.teacher.steps < mini.teacher.steps
     assert smoke.teacher.lr == mini.teacher.lr  # not in the overlay: inherited
 
 
+@pytest.mark.math
 def test_params_are_frozen():
     p = load_params(REPO / "params.yaml")
     with pytest.raises(Exception):
         p.teacher.steps = 3  # type: ignore[misc]
 
 
+@pytest.mark.math
 def test_mistyped_key_is_named_with_file_and_suggestion(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text((REPO / "params.yaml").read_text().replace("  ema_decay:", "  ema_decy:"))
@@ -34,6 +38,7 @@ def test_mistyped_key_is_named_with_file_and_suggestion(tmp_path):
     assert "teacher.ema_decy" in msg and str(f) in msg and "did you mean 'ema_decay'" in msg
 
 
+@pytest.mark.math
 def test_unknown_section_and_bad_value(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text("preset: mini\nteachr: {steps: 3}\n")
@@ -44,6 +49,7 @@ def test_unknown_section_and_bad_value(tmp_path):
         load_params(f)
 
 
+@pytest.mark.math
 def test_unknown_preset_lists_known():
     with pytest.raises(ParamsError, match="unknown preset 'nope'.*smoke"):
         load_params(REPO / "params.yaml", "nope")
@@ -68,6 +74,7 @@ def test_cli_reports_params_error(tmp_path):
     ("evaluate: {student_steps: [2, 9]}", "[2, 9]", "evaluate.student_steps", "each must be in 1..8"),
     ("dmgan: {dm_t_min: 500, dm_t_max: 400}", "400", "dmgan.dm_t_max", "must be > dm_t_min = 500"),
 ])
+@pytest.mark.math
 def test_wrong_type_non_finite_or_out_of_range_values_are_refused(tmp_path, section, bad, key, says):
     f = tmp_path / "params.yaml"
     f.write_text(f"preset: mini\n{section}\n")
@@ -76,11 +83,13 @@ def test_wrong_type_non_finite_or_out_of_range_values_are_refused(tmp_path, sect
     assert f"'{key}'" in str(e.value) and says in str(e.value)
 
 
+@pytest.mark.math
 def test_skip_range_follows_the_segments():
     p = load_params(REPO / "params.yaml")
     assert p.mlcd.skip == 20 and p.lcm_baseline.num_segments == 1  # one segment: skip up to 999 is meaningful
 
 
+@pytest.mark.math
 def test_preset_is_a_name_not_a_path(tmp_path):
     """Before: `--preset ../../x` read configs/presets/../../x.yaml, a file outside the presets."""
     import os

@@ -122,6 +122,7 @@ def test_missing_or_corrupt_reward_says_what_to_run(params, tmp_path, trained):
 # ---- preference pairs and losses --------------------------------------------------------------
 
 def test_alternatives_change_exactly_one_attribute():
+@pytest.mark.math
     one = W.Spec((W.Obj("red", "circle", "small"),), "gray", position="left")
     counts = {k: len(R.alternatives(one, k)) for k in R.ALIGNMENT_KINDS}
     assert counts == {"colour": 5, "shape": 3, "size": 1, "position": 4, "background": 2}
@@ -160,6 +161,7 @@ def test_training_pairs_are_pure_and_never_show_heldout_specs():
 
 
 @pytest.mark.parametrize("kind", DEGRADATIONS)
+@pytest.mark.math
 def test_degradations_stay_images_and_change_them(kind):
     x = RD.to_unit_tensor(RD.render_batch(W.sample_specs(1, 4, "train"), 1))
     y = degrade(x, kind, torch.Generator().manual_seed(0))
@@ -168,6 +170,7 @@ def test_degradations_stay_images_and_change_them(kind):
 
 
 def test_losses_golden():
+@pytest.mark.math
     zero = torch.zeros(3)
     assert bradley_terry_loss(zero, zero).item() == pytest.approx(math.log(2))
     sw, sl = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.5])
@@ -228,6 +231,7 @@ def images_and_prompts(n: int = 3, size: int = 20):
 
 
 def test_pickled_mps_is_refused_without_trust(released, tmp_path, params):
+@pytest.mark.math
     pth, _, _ = released
     with pytest.raises(ArtifactError, match="trust_pickled.*convert-mps|convert-mps.*trust_pickled"):
         load_mps(pth)
@@ -241,6 +245,7 @@ def test_pickled_mps_is_refused_without_trust(released, tmp_path, params):
 
 
 def test_pickled_mps_loads_with_trust_and_a_warning_and_scores_like_the_original(released, tokenizer_dir):
+@pytest.mark.math
     pth, ref, tok = released
     with pytest.warns(UnsafePickleWarning, match="trust_pickled"):
         net = load_mps(pth, trust_pickled=True, tokenizer=tokenizer_dir)
@@ -274,6 +279,7 @@ def test_converted_mps_loads_without_unpickling_and_gives_identical_scores(relea
 
 
 def test_mps_score_is_differentiable_in_the_images(released, tokenizer_dir):
+@pytest.mark.math
     _, ref, _ = released
     net = ref.requires_grad_(False)
     images, prompts = images_and_prompts()
@@ -283,6 +289,7 @@ def test_mps_score_is_differentiable_in_the_images(released, tokenizer_dir):
 
 
 def test_missing_mps_checkpoint_is_a_clear_error(tmp_path, params):
+@pytest.mark.math
     with pytest.raises(ArtifactError, match="MPS checkpoint not found.*convert-mps"):
         load_reward(with_reward(params, source=str(tmp_path / "no_such_folder")), Paths(tmp_path))
     with pytest.raises(ArtifactError, match="MPS checkpoint not found"):
@@ -290,6 +297,7 @@ def test_missing_mps_checkpoint_is_a_clear_error(tmp_path, params):
 
 
 def test_condition_mask_keeps_prompt_tokens_similar_to_the_condition():
+@pytest.mark.math
     text = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [-1.0, 0.0]]])  # four prompt tokens
     cond = torch.tensor([[[1.0, 0.0], [0.9, 0.1]]])  # two condition tokens
     # best similarity per prompt token: 1.0, 0.1, 0.5, -0.9 -> / 1.0 -> kept where > 0.3
@@ -299,6 +307,7 @@ def test_condition_mask_keeps_prompt_tokens_similar_to_the_condition():
 
 
 def test_clip_preprocess_resizes_crops_and_normalises():
+@pytest.mark.math
     x = torch.full((2, 3, 20, 30), 0.5)
     y = clip_preprocess(x, 16)
     assert y.shape == (2, 3, 16, 16)

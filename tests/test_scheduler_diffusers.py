@@ -11,6 +11,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler
 from models.scheduler import TLCMScheduler, tlcm_timesteps
 from models.sdxl_shaped import SDXL_SCHEDULER_CONFIG
 
+pytestmark = pytest.mark.math
+
 SDXL_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0120, beta_schedule="scaled_linear",
                    prediction_type="epsilon")
 

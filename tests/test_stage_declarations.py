@@ -19,10 +19,12 @@ from tlcm.paths import Paths
 from tlcm.tracking import tree_sha256
 
 
+@pytest.mark.math
 def test_committed_dvc_yaml_is_the_generated_one():
     assert not dvc_yaml.differs(), "dvc.yaml differs from tlcm/stages.py and the code: run `tlcm dvc-yaml`"
 
 
+@pytest.mark.math
 def test_dvc_deps_have_the_imports_the_old_hand_written_file_missed():
     """Before: deps typed by hand missed tlcm/teacher_io.py for all teacher users, models/caption_head.py
     for `teacher`, models/latent_lpips.py, models/sampling.py, models/scheduler.py for the distillation
@@ -37,6 +39,7 @@ def test_dvc_deps_have_the_imports_the_old_hand_written_file_missed():
     assert list(stages) == list(S.NAMES)
 
 
+@pytest.mark.math
 def test_closure_follows_imports_inside_functions_and_stays_in_the_project():
     closure = identity.code_closure("tasks.mlcd")
     # tasks/distill.py imports tasks.latent_lpips and tasks.generate inside functions only
@@ -51,6 +54,7 @@ def _copy_code(dst):
     return dst
 
 
+@pytest.mark.math
 def test_identity_follows_code_params_and_inputs(tmp_path, smoke_params):
     code, art = _copy_code(tmp_path / "code"), tmp_path / "art"
     (art / "teacher").mkdir(parents=True)
@@ -78,6 +82,7 @@ def test_identity_follows_code_params_and_inputs(tmp_path, smoke_params):
     # a longer teacher reaches mlcd through the teacher artifact's hash
 
 
+@pytest.mark.math
 def test_a_stage_sees_only_the_params_it_declares(smoke_params):
     view = identity.params_view(S.get("world"), smoke_params)
     assert view.world.seed == smoke_params.world.seed
@@ -89,6 +94,7 @@ def test_a_stage_sees_only_the_params_it_declares(smoke_params):
     assert identity.params_view(S.get("register"), smoke_params).mlcd.lr == smoke_params.mlcd.lr  # declares all
 
 
+@pytest.mark.math
 def test_a_stage_that_opens_an_undeclared_artifact_fails(tmp_path, monkeypatch):
     from tlcm.read_audit import UndeclaredInput, declared_reads
 
@@ -104,6 +110,7 @@ def test_a_stage_that_opens_an_undeclared_artifact_fails(tmp_path, monkeypatch):
             (tmp_path / "teacher" / "x.json").read_text()
 
 
+@pytest.mark.math
 def test_every_list_of_stages_reads_the_declarations():
     from flows.tlcm import STAGE_TASKS
     from tlcm.cli import build_parser

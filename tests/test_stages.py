@@ -46,11 +46,11 @@ def test_own_ddim_sampler_matches_diffusers_pipeline(smoke_artifacts):
     assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
 
 
-def test_evaluate_writes_table_grid_and_metrics(smoke_artifacts, smoke_params):
+def test_evaluate_writes_table_grid_and_metrics(own_artifacts, smoke_params):
     from tasks.registry import run_stage
 
+    smoke_artifacts = own_artifacts  # with the reward model (the reward column); the teacher rows need no LoRA
     params = smoke_params.model_copy(update={"evaluate": smoke_params.evaluate.model_copy(update={"student_stages": ()})})
-    run_stage("reward", params, smoke_artifacts)  # the reward column (the teacher rows need no LoRA)
     run_stage("evaluate", params, smoke_artifacts)
     bench = json.loads((smoke_artifacts.benchmark / "benchmark.json").read_text())
     rows, p = bench["rows"], params.evaluate

@@ -7,6 +7,8 @@ from tlcm.checkpoints import Checkpointer
 from tlcm.storage import ArtifactError, atomic_dir, load_tensors, save_tensors
 from tlcm.training import NonFiniteLoss, ensure_finite, run_loop
 
+pytestmark = pytest.mark.math
+
 
 def test_atomic_dir_keeps_old_content_on_failure(tmp_path):
     target = tmp_path / "out"

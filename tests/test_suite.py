@@ -60,6 +60,7 @@ def fake_hub_cache(root: Path, repo_id: str, src: Path) -> None:
 # ---- prompt sources ----------------------------------------------------------------------
 
 def test_prompt_files_in_all_three_formats(tmp_path, params):
+@pytest.mark.math
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -94,6 +95,7 @@ def test_world_prompts_are_the_world_train_captions(tmp_path, params):
 
 
 def test_prompt_file_errors_name_the_file_and_what_to_put(tmp_path):
+@pytest.mark.math
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -134,6 +136,7 @@ def write_coco_captions(path: Path, n_images: int = 10) -> dict[str, set[str]]:
 
 
 def test_coco_captions_one_per_image_deterministic_prefix_stable(tmp_path):
+@pytest.mark.math
     from tlcm.prompt_sources import read_coco_captions
 
     truth = write_coco_captions(tmp_path / "captions_val2017.json")
@@ -266,12 +269,14 @@ def random_images(n: int, h: int, w: int, seed: int) -> torch.Tensor:
 # ---- scorers -----------------------------------------------------------------------------
 
 def test_clip_score_is_100_times_clamped_cosine():
+@pytest.mark.math
     img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
     txt = torch.tensor([[0.6, 0.8], [-1.0, 0.0], [2.0, 0.0], [1.0, 1.0]])
     assert torch.allclose(clip_score(img, txt), torch.tensor([60.0, 0.0, 100.0, 100 / 2 ** 0.5]))
 
 
 def test_preprocessing_matches_clip_image_processor():
+@pytest.mark.math
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -286,6 +291,7 @@ def test_preprocessing_matches_clip_image_processor():
 
 
 def test_clip_scorer_end_to_end(clip_dir):
+@pytest.mark.math
     from transformers import CLIPModel
 
     from tlcm.suite_io import load_clip_scorer
@@ -311,6 +317,7 @@ def test_clip_scorer_end_to_end(clip_dir):
 
 
 def test_aesthetic_scorer_end_to_end(clip_dir, aesthetic_head):
+@pytest.mark.math
     from transformers import CLIPModel
 
     from tlcm.suite_io import load_aesthetic_scorer
@@ -333,6 +340,7 @@ def test_aesthetic_scorer_end_to_end(clip_dir, aesthetic_head):
 
 
 def test_aesthetic_loader_errors(tmp_path, clip_dir, aesthetic_head):
+@pytest.mark.math
     from tlcm.suite_io import load_aesthetic_scorer
 
     with pytest.raises(ArtifactError, match=r"suite\.aesthetic_head: .*missing\.pth.*improved-aesthetic-predictor"):
@@ -376,6 +384,7 @@ def test_image_reward_maps_the_released_layout_and_scores(image_reward_dir):
 
 
 def test_image_reward_loader_errors(tmp_path, image_reward_dir):
+@pytest.mark.math
     from tlcm.suite_io import load_image_reward
 
     with pytest.raises(ArtifactError, match=r"suite\.image_reward: .*ImageReward\.pt' not found.*hf download THUDM/ImageReward"):
@@ -398,6 +407,7 @@ def test_image_reward_loader_errors(tmp_path, image_reward_dir):
 
 
 def test_hub_ids_resolve_from_the_cache_only(tmp_path, clip_dir, monkeypatch):
+@pytest.mark.math
     import huggingface_hub.constants
 
     from tlcm.suite_io import load_clip_scorer
@@ -443,6 +453,7 @@ def coco_fixture(root: Path, n: int, seed: int) -> tuple[Path, Path, np.ndarray]
 
 
 def test_inception_loader(tmp_path):
+@pytest.mark.math
     from tlcm.suite_io import INCEPTION_URL, load_inception
 
     with pytest.raises(ArtifactError, match=f"not found: .*inception.pt'; download {INCEPTION_URL}"):
@@ -513,6 +524,7 @@ def test_run_suite_fid_clip_without_inception(tmp_path, params, clip_dir):
 
 
 def test_run_suite_checks_its_rows(tmp_path, params):
+@pytest.mark.math
     from tasks.suite import ImageSet, run_suite
 
     with pytest.raises(ValueError, match=r"x@2: 3 images for 2 prompts"):
@@ -531,12 +543,14 @@ def test_run_suite_checks_its_rows(tmp_path, params):
 # ---- preflight ---------------------------------------------------------------------------
 
 def test_preflight_passes_on_the_embedded_default(params):
+@pytest.mark.math
     from tlcm.preflight import check_assets
 
     assert check_assets(params) == [] and check_assets(load_params(REPO / "params.yaml")) == []
 
 
 def test_preflight_names_every_missing_asset(tmp_path, params, monkeypatch):
+@pytest.mark.math
     import huggingface_hub.constants
 
     from tlcm.preflight import check_assets, require_assets

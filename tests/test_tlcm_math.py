@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from models.denoiser import Cond, Denoiser
-from models.diffusion import alphas_cumprod_scaled_linear, ddim_step, x0_from_eps
+from models.diffusion import alphas_cumprod_scaled_linear, ddim_step, q_sample, x0_from_eps
 from models.scheduler import TLCMScheduler, tlcm_timesteps
 from models.tlcm import (f_theta_x0, g_theta, ilcd_terms, lower_milestone, mds_steps, milestones, mlcd_pair,
                          mlcd_terms, segment_of, student_sample_x0, teacher_ddim_path)
+
+pytestmark = pytest.mark.math
 
 AC = alphas_cumprod_scaled_linear()
 
@@ -111,6 +113,9 @@ def test_student_sample_renoises_with_the_same_eps():
 
 
 def test_ilcd_target_at_milestone_zero_is_the_teacher_state():
+    """In the lowest segment the target milestone is 0, where f_θ is the identity: the target is the
+    teacher's own state after p CFG-DDIM steps from ẑ_{t_m} = FD(ẑ_0, t_m) to the clean end, and the
+    prediction is the student's x̂_0 at t_m (computed by hand with the toy ε-model)."""
     teacher, student = Denoiser(ToyUNet(), AC), Denoiser(ToyUNet(a=0.2), AC)
     ms, c = milestones(8), cond(1)
     eps, noise = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
@@ -118,7 +123,13 @@ def test_ilcd_target_at_milestone_zero_is_the_teacher_state():
     ilcd_terms(student, teacher, eps, noise, torch.tensor([124]), 4, 3, c, 1.0, ms,
                lambda x, y: seen.setdefault("pair", (x, y)) and ((x - y) ** 2).mean())
     pred, target = seen["pair"]
-    assert pred.shape == target.shape == (1, 4, 2, 2)
+    z_tm = q_sample(student_sample_x0(student, eps, 4, c), noise, torch.tensor([124]), AC)
+    z = z_tm
+    for t1, t2 in ((124, 83), (83, 41), (41, -1)):  # 124 → 0 in p = 3 uniform steps; milestone 0 = the clean end
+        z = ddim_step(z, 0.5 * z + 0.1, torch.tensor([t1]), torch.tensor([t2]), AC)  # teacher ε̂ = 0.5 z + c
+    assert torch.allclose(target, z.float(), atol=1e-5)
+    assert torch.allclose(pred, x0_from_eps(z_tm, 0.2 * z_tm + 0.1, torch.tensor([124]), AC).float(), atol=1e-5)
+    assert not torch.allclose(pred, target, atol=1e-3)  # student and teacher differ: the loss is not trivially 0
 
 
 @pytest.mark.parametrize("n,expect", [(2, [999, 499]), (3, [999, 499, 124]), (4, [999, 749, 499, 124]),

@@ -167,6 +167,7 @@ def test_embedded_default_store_is_sqlite_and_mlruns_in_cwd(tmp_path, monkeypatc
 
 
 def test_retry_condition_skips_permanent_errors():
+@pytest.mark.math
     from prefect.states import Failed
 
     from flows.tlcm import is_transient
@@ -250,6 +251,7 @@ def test_s3_preflight_names_unreachable_endpoint_and_missing_bucket(s3, monkeypa
 
 
 def test_preflight_names_unreachable_tracking_server(monkeypatch, tmp_path, smoke_params):
+@pytest.mark.math
     monkeypatch.chdir(tmp_path)
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
@@ -260,17 +262,20 @@ def test_preflight_names_unreachable_tracking_server(monkeypatch, tmp_path, smok
 
 
 def test_redact_hides_credentials_in_uris():
+@pytest.mark.math
     assert tracking.redact("http://user:pw@host:5000/x") == "http://host:5000/x"
     assert tracking.redact("sqlite:///a/b.db") == "sqlite:///a/b.db"
 
 
 def test_log_step_outside_a_stage_is_a_no_op(tmp_path, monkeypatch):
+@pytest.mark.math
     monkeypatch.chdir(tmp_path)
     tracking.log_step("teacher", 1, {"loss": 1.0})  # no stage context: nothing recorded, no error
     assert tracking.current_stage() is None and not list(tmp_path.iterdir())
 
 
 def test_flow_has_one_retrying_task_per_stage_calling_run_stage(tmp_path, monkeypatch):
+@pytest.mark.math
     """The flow's tasks mirror STAGES; each retries (not on permanent errors) and all but
     register are cached; a task body is run_stage (run here through .fn, no server)."""
     from prefect.cache_policies import NO_CACHE

@@ -4,6 +4,8 @@ import pytest
 from tlcm import render as R
 from tlcm import world as W
 
+pytestmark = pytest.mark.math
+
 
 def test_sampling_and_rendering_are_deterministic():
     a, b = W.sample_specs(5, 20, "train"), W.sample_specs(5, 20, "train")
