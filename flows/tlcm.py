@@ -27,12 +27,13 @@ from tasks.registry import run_stage_on_worker
 from tlcm import stages as S
 from tlcm import tracking
 from tlcm.locks import StageBusy
+from tlcm.mlflow_store import TrackingError
 from tlcm.params import ParamsError, load_params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError
 from tlcm.training import NonFiniteLoss
 
-PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ParamsError, ArtifactError, NonFiniteLoss, tracking.TrackingError,
+PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ParamsError, ArtifactError, NonFiniteLoss, TrackingError,
                                                      StageBusy, KeyError)
 RETRIES, RETRY_DELAYS = 2, [10, 60]
 

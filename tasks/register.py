@@ -21,11 +21,14 @@ from pathlib import Path
 
 import yaml
 
-from tlcm import tracking
+from tlcm import mlflow_store as store
+from tlcm.model_registry import register_directory
 from tlcm.packaging import example_prompt, save_pyfunc
 from tlcm.params import Params
 from tlcm.paths import Paths
+from tlcm.provenance import file_sha256, git_commit, tree_sha256
 from tlcm.storage import ArtifactError, atomic_write_json, read_json
+from tlcm.store_preflight import preflight
 
 log = logging.getLogger("tlcm")
 
@@ -66,7 +69,7 @@ def model_card(params: Params, paths: Paths, bench: dict, artifact_sha: str | No
     cols = ["method", "steps", "alignment", "frechet", "sec_per_image", "unet_evals"]
     table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     table += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
-    lock = tracking.file_sha256(Path("dvc.lock"))
+    lock = file_sha256(Path("dvc.lock"))
     g = params.register.gates
     lines = [
         f"# {params.register.model_name}",
@@ -78,7 +81,7 @@ def model_card(params: Params, paths: Paths, bench: dict, artifact_sha: str | No
         "`artifacts/lora/`; the version is an MLflow pyfunc model (TLCMScheduler, CFG off)",
         f"- **teacher**: {teacher_desc}",
         f"- **preset**: `{params.preset}`",
-        f"- **git commit**: `{tracking.git_commit()}`",
+        f"- **git commit**: `{git_commit()}`",
         f"- **dvc.lock sha256**: `{lock or 'none (not run through DVC)'}`",
         f"- **registered**: {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}",
         "",
@@ -110,7 +113,7 @@ def use_section(params: Params, paths: Paths) -> list[str]:
     """The card's "Use" section: Python that runs as written on a machine that sees this tracking store
     (the tests execute it)."""
     name, n = params.register.model_name, serve_steps(params)
-    uri, prompt = tracking.redact(tracking.tracking_uri()), example_prompt(params, paths)
+    uri, prompt = store.redact(store.tracking_uri()), example_prompt(params, paths)
     bundled = params.teacher.source == "train"
     return [
         "## Use",
@@ -152,21 +155,21 @@ def use_section(params: Params, paths: Paths) -> list[str]:
 
 def run(params: Params, paths: Paths) -> dict:
     out = paths.metrics / "register.json"
-    if not tracking.enabled():
-        log.info("register: tracking is off (%s=0); nothing registered", tracking.SWITCH_ENV)
-        record = {"registered": False, "reason": f"{tracking.SWITCH_ENV}=0"}
+    if not store.enabled():
+        log.info("register: tracking is off (%s=0); nothing registered", store.SWITCH_ENV)
+        record = {"registered": False, "reason": f"{store.SWITCH_ENV}=0"}
         atomic_write_json(out, record)
         return record
     artifact = final_artifact(paths)
     if not artifact.is_dir():
         raise ArtifactError(f"final artifact not found: {artifact}. Build it with `tlcm run` (or `dvc repro`).")
     bench = _benchmark(paths)
-    tracking.preflight()
-    sha = tracking.tree_sha256(artifact)
+    preflight()
+    sha = tree_sha256(artifact)
     card = model_card(params, paths, bench, sha)
-    tags = {"tlcm.preset": params.preset, "tlcm.git_commit": tracking.git_commit(), "tlcm.artifact_sha256": sha or "",
+    tags = {"tlcm.preset": params.preset, "tlcm.git_commit": git_commit(), "tlcm.artifact_sha256": sha or "",
             "tlcm.teacher": params.teacher.source}
-    lock = tracking.file_sha256(Path("dvc.lock"))
+    lock = file_sha256(Path("dvc.lock"))
     if lock:
         tags["tlcm.dvc_lock_sha256"] = lock
     row = gate_row(bench, params)
@@ -176,7 +179,7 @@ def run(params: Params, paths: Paths) -> dict:
         model_dir = Path(tmp) / "model"
         config = save_pyfunc(params, paths, artifact, model_dir, serve_steps(params))
         tags["tlcm.base"] = config["kind"]
-        mv = tracking.register_directory(params.register.model_name, model_dir, card, tags,
+        mv = register_directory(params.register.model_name, model_dir, card, tags,
                                          files=[paths.benchmark / "benchmark.json", paths.benchmark / "benchmark.md",
                                                 paths.benchmark / "samples.png"], aliases=(CANDIDATE,))
     record = {"registered": True, "model_name": params.register.model_name, "version": int(mv.version),
@@ -228,19 +231,19 @@ def promote(version: int | str, params: Params, force: bool = False) -> Promotio
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    if not tracking.enabled():
-        raise tracking.TrackingError(f"tracking is off ({tracking.SWITCH_ENV}=0): there is no registry to promote in")
-    tracking.preflight()
-    name, c = params.register.model_name, tracking.client()
+    if not store.enabled():
+        raise store.TrackingError(f"tracking is off ({store.SWITCH_ENV}=0): there is no registry to promote in")
+    preflight()
+    name, c = params.register.model_name, store.client()
     try:
         mv = c.get_model_version(name, str(version))
     except MlflowException as e:
-        raise tracking.TrackingError(f"no version {version} of registered model '{name}' at "
-                                     f"{tracking.redact(tracking.tracking_uri())} ({e.error_code})") from None
+        raise store.TrackingError(f"no version {version} of registered model '{name}' at "
+                                     f"{store.redact(store.tracking_uri())} ({e.error_code})") from None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             f = mlflow.artifacts.download_artifacts(artifact_uri=f"{mv.source}/benchmark.json", dst_path=tmp,
-                                                    tracking_uri=tracking.tracking_uri())
+                                                    tracking_uri=store.tracking_uri())
         except Exception as e:  # noqa: BLE001
             raise ArtifactError(f"version {version} of '{name}' has no readable benchmark.json at {mv.source} "
                                 f"({type(e).__name__})") from None

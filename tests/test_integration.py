@@ -228,7 +228,7 @@ def test_dvc_repro_then_noop_then_push_to_s3(stack, project, stages, deployment)
 # ---- truthful reruns: a stage's result follows its inputs and code ---------------------------------
 
 def _tree(path: Path) -> str:
-    from tlcm.tracking import tree_sha256
+    from tlcm.provenance import tree_sha256
 
     return tree_sha256(path)
 

@@ -16,7 +16,7 @@ from conftest import REPO
 from tlcm import dvc_yaml, identity
 from tlcm import stages as S
 from tlcm.paths import Paths
-from tlcm.tracking import tree_sha256
+from tlcm.provenance import tree_sha256
 
 
 @pytest.mark.math

@@ -11,7 +11,8 @@ import torch
 from conftest import REPO
 from servers import S3_KEY, S3_SECRET, SeaweedS3, fake_outputs, free_port
 
-from tlcm import tracking
+from tlcm import mlflow_store as store
+from tlcm import store_preflight, tracking
 from tlcm.params import load_params
 from tlcm.paths import Paths
 
@@ -24,7 +25,7 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tlcm-test")
     monkeypatch.delenv("MLFLOW_S3_ENDPOINT_URL", raising=False)
-    yield tracking.client()
+    yield store.client()
 
 
 def test_plain_stage_calls_do_not_touch_mlflow(tmp_path, monkeypatch):
@@ -63,7 +64,7 @@ def test_pipeline_run_nests_stage_runs_with_params_losses_and_metrics(mlflow_sto
             rec.result = {"psnr_db": 12.5, "nested": {"x": 1}, "name": "not a number"}
     c = mlflow_store
     assert c.get_run(parent).info.status == "FINISHED"
-    child = c.search_runs([tracking.experiment_id()], f"tags.`mlflow.parentRunId` = '{parent}'")
+    child = c.search_runs([store.experiment_id()], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert [r.info.run_name for r in child] == ["autoencoder"]
     run = child[0]
     assert run.info.status == "FINISHED"
@@ -90,7 +91,7 @@ def test_failed_stage_marks_its_run_failed(mlflow_store, tmp_path, smoke_params)
                 raise RuntimeError("boom")
     c = mlflow_store
     assert c.get_run(parent).info.status == "FAILED"
-    (child,) = c.search_runs([tracking.experiment_id()], f"tags.`mlflow.parentRunId` = '{parent}'")
+    (child,) = c.search_runs([store.experiment_id()], f"tags.`mlflow.parentRunId` = '{parent}'")
     assert child.info.status == "FAILED"
 
 
@@ -136,7 +137,7 @@ def test_register_versions_with_model_card_and_promotion_gates(mlflow_store, tmp
         "gates": strict.register.gates.model_copy(update={"max_frechet": 1.0, "steps": 2})})})
     with pytest.raises(PromotionRefused, match=r"frechet 6.0000 > max_frechet 1.0 \('TLCM after dmgan' @ 2 steps\)"):
         promote(2, tight)
-    with pytest.raises(tracking.TrackingError, match=f"no version 9 of registered model '{name}'"):
+    with pytest.raises(store.TrackingError, match=f"no version 9 of registered model '{name}'"):
         promote(9, smoke_params)
 
 
@@ -166,8 +167,8 @@ def test_embedded_default_store_is_sqlite_and_mlruns_in_cwd(tmp_path, monkeypatc
     assert list((tmp_path / "mlruns").rglob("model/README.md"))
 
 
-def test_retry_condition_skips_permanent_errors():
 @pytest.mark.math
+def test_retry_condition_skips_permanent_errors():
     from prefect.states import Failed
 
     from flows.tlcm import is_transient
@@ -175,7 +176,7 @@ def test_retry_condition_skips_permanent_errors():
     from tlcm.storage import ArtifactError
     from tlcm.training import NonFiniteLoss
 
-    for e in (ParamsError("bad key"), ArtifactError("missing"), NonFiniteLoss("nan"), tracking.TrackingError("s3")):
+    for e in (ParamsError("bad key"), ArtifactError("missing"), NonFiniteLoss("nan"), store.TrackingError("s3")):
         assert is_transient(None, None, Failed(data=e)) is False, e
     for e in (ConnectionResetError("reset"), TimeoutError("slow"), RuntimeError("CUDA error: launch failure")):
         assert is_transient(None, None, Failed(data=e)) is True, e
@@ -225,15 +226,15 @@ def test_s3_preflight_accepts_good_credentials(s3, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3.endpoint)
-    tracking.check_s3("s3://mlflow/some/prefix")
+    store_preflight.check_s3("s3://mlflow/some/prefix")
 
 
 def test_s3_preflight_names_endpoint_on_wrong_credentials(s3, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", S3_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3.endpoint)
-    with pytest.raises(tracking.TrackingError) as e:
-        tracking.check_s3("s3://mlflow")
+    with pytest.raises(store.TrackingError) as e:
+        store_preflight.check_s3("s3://mlflow")
     msg = str(e.value)
     assert s3.endpoint in msg and "rejected the S3 credentials" in msg and "not-the-secret" not in msg
 
@@ -243,39 +244,39 @@ def test_s3_preflight_names_unreachable_endpoint_and_missing_bucket(s3, monkeypa
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", dead)
-    with pytest.raises(tracking.TrackingError, match=f"S3 endpoint {dead} is not reachable"):
-        tracking.check_s3("s3://mlflow")
+    with pytest.raises(store.TrackingError, match=f"S3 endpoint {dead} is not reachable"):
+        store_preflight.check_s3("s3://mlflow")
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3.endpoint)
-    with pytest.raises(tracking.TrackingError, match="bucket 'nope' does not exist"):
-        tracking.check_s3("s3://nope")
+    with pytest.raises(store.TrackingError, match="bucket 'nope' does not exist"):
+        store_preflight.check_s3("s3://nope")
 
 
-def test_preflight_names_unreachable_tracking_server(monkeypatch, tmp_path, smoke_params):
 @pytest.mark.math
+def test_preflight_names_unreachable_tracking_server(monkeypatch, tmp_path, smoke_params):
     monkeypatch.chdir(tmp_path)
     dead = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
     monkeypatch.setenv("TLCM_TRACKING", "auto")
-    with pytest.raises(tracking.TrackingError, match=f"MLflow tracking server {dead} is not reachable"):
+    with pytest.raises(store.TrackingError, match=f"MLflow tracking server {dead} is not reachable"):
         with tracking.pipeline_run(smoke_params, Paths(tmp_path)):
             pass
 
 
+@pytest.mark.math
 def test_redact_hides_credentials_in_uris():
+    assert store.redact("http://user:pw@host:5000/x") == "http://host:5000/x"
+    assert store.redact("sqlite:///a/b.db") == "sqlite:///a/b.db"
+
+
 @pytest.mark.math
-    assert tracking.redact("http://user:pw@host:5000/x") == "http://host:5000/x"
-    assert tracking.redact("sqlite:///a/b.db") == "sqlite:///a/b.db"
-
-
 def test_log_step_outside_a_stage_is_a_no_op(tmp_path, monkeypatch):
-@pytest.mark.math
     monkeypatch.chdir(tmp_path)
     tracking.log_step("teacher", 1, {"loss": 1.0})  # no stage context: nothing recorded, no error
     assert tracking.current_stage() is None and not list(tmp_path.iterdir())
 
 
-def test_flow_has_one_retrying_task_per_stage_calling_run_stage(tmp_path, monkeypatch):
 @pytest.mark.math
+def test_flow_has_one_retrying_task_per_stage_calling_run_stage(tmp_path, monkeypatch):
     """The flow's tasks mirror STAGES; each retries (not on permanent errors) and all but
     register are cached; a task body is run_stage (run here through .fn, no server)."""
     from prefect.cache_policies import NO_CACHE
@@ -319,6 +320,6 @@ def test_artifacts_straight_to_s3_and_preflight_on_wrong_keys(s3, mlflow_store, 
     assert any(k.startswith("direct/") and k.endswith("model/README.md") for k in s3.keys("mlflow"))
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    with pytest.raises(tracking.TrackingError, match=f"S3 endpoint {s3.endpoint} rejected the S3 credentials"):
+    with pytest.raises(store.TrackingError, match=f"S3 endpoint {s3.endpoint} rejected the S3 credentials"):
         with tracking.pipeline_run(smoke_params, paths):
             raise AssertionError("preflight should have stopped the run")

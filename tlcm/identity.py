@@ -31,7 +31,7 @@ from tlcm import stages as S
 from tlcm.checkpoints import Checkpointer
 from tlcm.params import ROOT, Params
 from tlcm.storage import atomic_write_json
-from tlcm.tracking import file_sha256, tree_sha256
+from tlcm.provenance import file_sha256, tree_sha256
 
 log = logging.getLogger("tlcm")
 

@@ -1,5 +1,6 @@
-"""Records: MLflow runs (a parent per pipeline run, a nested run per stage), the per-step loss
-history DVC plots, and a preflight check of the tracking server and S3 store.
+"""Records: MLflow runs (a parent per pipeline run, a nested run per stage) and the per-step loss
+history DVC plots. The store and the switch: :mod:`tlcm.mlflow_store`; the check before work:
+:mod:`tlcm.store_preflight`; provenance: :mod:`tlcm.provenance`; the registry: :mod:`tlcm.model_registry`.
 
 Switch (environment variable ``TLCM_TRACKING``):
 
@@ -25,258 +26,26 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 import json
 import logging
 import math
-import os
-import re
-import subprocess
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
+from tlcm.mlflow_store import (TrackingError, client, enabled, experiment_id, experiment_name, first_line,  # noqa: F401
+                               metric_key, mode, redact, tracking_uri)
+from tlcm.provenance import file_sha256, git_commit
 from tlcm.storage import atomic_write_json, atomic_write_text
+from tlcm.store_preflight import preflight
 
 log = logging.getLogger("tlcm")
 
-SWITCH_ENV = "TLCM_TRACKING"
-DEFAULT_EXPERIMENT = "tlcm"
 ALWAYS_TRACKED = frozenset({"register"})
-_OFF, _ON = {"0", "off", "false", "no"}, {"1", "on", "true", "yes"}
-
-
-class TrackingError(RuntimeError):
-    """The tracking server, the registry or the S3 store cannot be used; the message names the endpoint."""
-
-
-# ---- configuration ---------------------------------------------------------------------
-
-def mode() -> str:
-    """``off``, ``auto`` (default) or ``on``, from ``TLCM_TRACKING``."""
-    v = os.environ.get(SWITCH_ENV, "auto").strip().lower()
-    if v in _OFF:
-        return "off"
-    if v in _ON:
-        return "on"
-    return "auto"
-
-
-def enabled() -> bool:
-    return mode() != "off"
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI``, else the embedded SQLite store ``./mlflow.db``."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-
-
-def is_embedded() -> bool:
-    """True when no ``MLFLOW_TRACKING_URI`` is set (the local SQLite store + ``./mlruns``)."""
-    return not os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-
-
-def experiment_name() -> str:
-    return os.environ.get("MLFLOW_EXPERIMENT_NAME", "").strip() or DEFAULT_EXPERIMENT
-
-
-def redact(uri: str) -> str:
-    """A URI without user:password, safe to print."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<unparseable uri>"
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-    return uri
-
-
-_clients: dict[str, Any] = {}
-_exp_ids: dict[tuple[str, str], str] = {}
-_lock = threading.Lock()
-
-
-def client():
-    """An ``MlflowClient`` for :func:`tracking_uri` (cached per URI)."""
-    uri = tracking_uri()
-    with _lock:
-        if uri not in _clients:
-            from mlflow import MlflowClient
-
-            _clients[uri] = MlflowClient(tracking_uri=uri, registry_uri=uri)
-        return _clients[uri]
-
-
-def experiment_id() -> str:
-    """The experiment's id, created on first use (embedded store: artifacts under ``./mlruns``)."""
-    uri, name = tracking_uri(), experiment_name()
-    key = (uri, name)
-    if key in _exp_ids:
-        return _exp_ids[key]
-    c = client()
-    exp = c.get_experiment_by_name(name)
-    if exp is None:
-        location = (Path.cwd().resolve() / "mlruns" / metric_key(name)).as_uri() if is_embedded() else None
-        try:
-            eid = c.create_experiment(name, artifact_location=location)
-        except Exception:  # noqa: BLE001 - created concurrently by another process
-            exp = c.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            eid = exp.experiment_id
-    else:
-        eid = exp.experiment_id
-    _exp_ids[key] = eid
-    return eid
-
-
-# ---- preflight: fail fast, naming the endpoint ---------------------------------------------
-
-def s3_endpoint() -> str | None:
-    """The S3 endpoint from the environment (None = AWS itself)."""
-    for k in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"):
-        v = os.environ.get(k, "").strip()
-        if v:
-            return v
-    return None
-
-
-def check_s3(url: str, endpoint: str | None = None, timeout: float = 5.0) -> None:
-    """Check that ``s3://bucket[/prefix]`` is reachable and accepts the credentials in the environment.
-
-    Raises :class:`TrackingError` naming the endpoint and bucket (never the credentials).
-    """
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
-
-    parts = urlsplit(url)
-    if parts.scheme != "s3" or not parts.netloc:
-        raise TrackingError(f"not an s3:// URL: {url}")
-    bucket = parts.netloc
-    endpoint = endpoint or s3_endpoint()
-    where = f"S3 endpoint {redact(endpoint) if endpoint else 'AWS (default endpoint)'}"
-    cfg = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1})
-    # a fresh session: the default one caches the first credentials it resolved
-    s3 = boto3.session.Session().client("s3", endpoint_url=endpoint, config=cfg,
-                      region_name=os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1")
-    try:
-        s3.list_objects_v2(Bucket=bucket, Prefix=parts.path.lstrip("/"), MaxKeys=1)
-    except NoCredentialsError:
-        raise TrackingError(f"{where}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                            f"(bucket '{bucket}')") from None
-    except EndpointConnectionError as e:
-        raise TrackingError(f"{where} is not reachable ({type(e).__name__}); check MLFLOW_S3_ENDPOINT_URL / "
-                            f"AWS_ENDPOINT_URL (bucket '{bucket}')") from None
-    except ClientError as e:
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"} or status == 403:
-            raise TrackingError(f"{where} rejected the S3 credentials for bucket '{bucket}' ({code or status}); "
-                                "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
-        if code in {"NoSuchBucket", "404"} or status == 404:
-            raise TrackingError(f"{where}: bucket '{bucket}' does not exist") from None
-        raise TrackingError(f"{where}: bucket '{bucket}': {code or status}") from None
-    except BotoCoreError as e:  # timeouts, bad endpoint URL, ...
-        raise TrackingError(f"{where} is not usable ({type(e).__name__}: {e}) (bucket '{bucket}')") from None
-
-
-def check_server(uri: str, timeout: float = 5.0) -> None:
-    """An http(s) tracking URI must answer ``/health``."""
-    import urllib.error
-    import urllib.request
-
-    url = redact(uri).rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - http(s) only, checked by caller
-            if r.status != 200:
-                raise TrackingError(f"MLflow tracking server {redact(uri)} answered {r.status} on /health")
-    except urllib.error.HTTPError as e:
-        raise TrackingError(f"MLflow tracking server {redact(uri)} answered {e.code} on /health") from None
-    except (urllib.error.URLError, OSError) as e:
-        reason = getattr(e, "reason", e)
-        raise TrackingError(f"MLflow tracking server {redact(uri)} is not reachable ({reason}); start it or fix "
-                            "MLFLOW_TRACKING_URI") from None
-
-
-def preflight() -> None:
-    """Check, before any work, that records can be written: the tracking server answers and,
-    when this process writes artifacts to S3 itself, the bucket accepts our credentials."""
-    if not enabled():
-        return
-    uri = tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        check_server(uri)
-    try:
-        exp = client().get_experiment(experiment_id())
-    except TrackingError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any store error: name the store
-        raise TrackingError(f"MLflow store {redact(uri)} is not usable: {type(e).__name__}: {_first_line(e)}") from None
-    if exp.artifact_location.startswith("s3://"):
-        check_s3(exp.artifact_location)
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-# ---- provenance ------------------------------------------------------------------------
-
-def git_commit(cwd: Path | None = None) -> str:
-    """``HEAD`` of the project repo, with ``-dirty`` if tracked files changed; ``unknown`` outside git."""
-    try:
-        kw = dict(cwd=cwd or Path.cwd(), capture_output=True, text=True, timeout=10)
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], **kw).stdout.strip()
-        if not sha:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **kw).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def file_sha256(path: Path) -> str | None:
-    path = Path(path)
-    if not path.is_file():
-        return None
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def tree_sha256(path: Path) -> str | None:
-    """Content hash of a file or folder (relative names + bytes); None if it does not exist."""
-    path = Path(path)
-    if path.is_file():
-        return file_sha256(path)
-    if not path.is_dir():
-        return None
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(f.relative_to(path).as_posix().encode() + b"\0")
-        h.update((file_sha256(f) or "").encode() + b"\n")
-    return h.hexdigest()
 
 
 # ---- flattening --------------------------------------------------------------------------
-
-_BAD_KEY = re.compile(r"[^A-Za-z0-9_\-./]+")
-
-
-def metric_key(name: str) -> str:
-    """An MLflow-safe metric/param key."""
-    return re.sub(r"_+(?=[./])|(?<=[./])_+", "", _BAD_KEY.sub("_", name)).strip("_") or "value"
-
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> ``{"a.b.c": leaf}`` (lists/tuples kept as leaves)."""
@@ -307,7 +76,6 @@ def stage_params(stage: str, params) -> dict[str, str]:
     if stage in data:
         out.update({f"{stage}.{k}": v for k, v in flatten(data[stage]).items()})
     return {metric_key(k): str(v)[:6000] for k, v in out.items()}
-
 
 # ---- runs --------------------------------------------------------------------------------
 
@@ -453,7 +221,7 @@ def log_step(stage: str, step: int, terms: dict[str, float]) -> None:
         try:
             client().log_batch(rec.run_id, metrics=ms)
         except Exception as e:  # noqa: BLE001 - a hiccup of the tracking server must not kill training
-            log.warning("mlflow: could not log %s step %d (%s)", stage, step, _first_line(e))
+            log.warning("mlflow: could not log %s step %d (%s)", stage, step, first_line(e))
 
 
 def history_path(stage: str, paths) -> Path:
@@ -470,45 +238,3 @@ def write_history(stage: str, paths, history: list[dict[str, float]]) -> Path | 
     elif not f.exists() and Path(paths.checkpoints(stage)).exists():
         atomic_write_json(f, [])
     return f if f.exists() else None
-
-
-# ---- the registry --------------------------------------------------------------------------
-
-def register_directory(model_name: str, directory: Path, card: str, tags: dict[str, str] | None = None,
-                       files: list[Path] | None = None, aliases: tuple[str, ...] = ("candidate",)):
-    """Log ``directory`` (plus a ``README.md`` model card and extra ``files``) as ``model/`` of the
-    current stage run and register it as a new version of ``model_name``; set ``aliases``.
-    Returns the ``ModelVersion``."""
-    rec = _current.get()
-    if rec is None or rec.run_id is None:
-        raise TrackingError("register_directory needs an MLflow stage run (tracking is off?)")
-    c = client()
-    uri = redact(tracking_uri())
-    run = c.get_run(rec.run_id)
-    try:
-        c.log_artifacts(rec.run_id, str(directory), "model")
-        c.log_text(rec.run_id, card, "model/README.md")
-        for f in files or []:
-            if Path(f).is_file():
-                c.log_artifact(rec.run_id, str(f), "model")
-    except Exception as e:  # noqa: BLE001 - name the store
-        raise TrackingError(f"uploading {directory} to {run.info.artifact_uri} (tracking {uri}) failed: "
-                            f"{type(e).__name__}: {_first_line(e)}") from None
-    from mlflow.exceptions import MlflowException
-
-    try:
-        c.create_registered_model(model_name, description="TLCM few-step model (see each version's model card).")
-    except MlflowException as e:
-        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code) and "already exists" not in str(e):
-            raise
-    mv = c.create_model_version(model_name, source=f"{run.info.artifact_uri}/model", run_id=rec.run_id,
-                                tags=tags or {}, description=card)
-    for _ in range(60):
-        if mv.status == "READY":
-            break
-        time.sleep(0.5)
-        mv = c.get_model_version(model_name, mv.version)
-    for alias in aliases:
-        c.set_registered_model_alias(model_name, alias, mv.version)
-    c.set_tag(rec.run_id, "tlcm.model_version", f"{model_name}/{mv.version}")
-    return mv
