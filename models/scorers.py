@@ -14,57 +14,29 @@
   L2-normalised CLIP image embeddings (:class:`ClipFidFeatures`, reported as "FID-CLIP").
 
 Images enter every scorer as float (N, 3, H, W) in [0, 1]; resizing, centre-cropping and
-normalising are tensor ops, so every score is differentiable in the pixels.
+normalising are tensor ops (:mod:`models.clip_image`), so every score is differentiable in the pixels.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from models.clip_image import ImageTransform
+
 IMAGEREWARD_MEAN = 0.16717362830052426  # the released model's reward normalisation (ImageReward.py)
 IMAGEREWARD_STD = 1.0333394966054072
 IMAGEREWARD_MAX_TOKENS = 35
 
 
-# ---- preprocessing -----------------------------------------------------------------------
+# ---- images ----------------------------------------------------------------------------
 
 def uint8_to_unit(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [0, 1]."""
     return images.permute(0, 3, 1, 2).float() / 255.0
 
-
-def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Shortest side to ``size`` (antialiased bicubic, like PIL's), then the central ``size``×``size``.
-    ``x``: float (N, C, H, W); differentiable."""
-    h, w = x.shape[-2:]
-    # the long side is truncated, as torchvision's Resize(int) and CLIPImageProcessor do
-    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    if (nh, nw) != (h, w):
-        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[..., top : top + size, left : left + size]
-
-
-@dataclass(frozen=True)
-class ImageTransform:
-    """CLIP-style preprocessing as tensor ops: resize + centre crop to ``size``, clamp to [0, 1]
-    (as 8-bit PIL output would be), normalise with ``mean``/``std``."""
-
-    size: int
-    mean: tuple[float, ...] = CLIP_MEAN
-    std: tuple[float, ...] = CLIP_STD
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = resize_center_crop(images, self.size).clamp(0.0, 1.0)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
 
 
 # ---- CLIP score --------------------------------------------------------------------------

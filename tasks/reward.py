@@ -24,8 +24,10 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from models.reward import CONDITIONS, DEGRADATIONS, ShapesReward, bradley_terry_loss, centering_loss, degrade, \
-    listwise_loss, pairwise_accuracy, tokenize
+from models.reward.losses import (DEGRADATIONS, bradley_terry_loss, centering_loss, degrade, listwise_loss,
+                                  pairwise_accuracy)
+from models.reward.scorer import CONDITIONS, tokenize
+from models.reward.shapes import ShapesReward
 from tlcm import distributed as D
 from tlcm import render as R
 from tlcm import world as W

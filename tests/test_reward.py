@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from models.clip_image import clip_preprocess
 from models.reward import (CONDITIONS, DEGRADATIONS, MPSNet, RewardScorer, ShapesReward, bradley_terry_loss,
-                           clip_preprocess, condition_mask, degrade, listwise_loss, pairwise_accuracy)
+                           condition_mask, degrade, listwise_loss, pairwise_accuracy)
 from tasks import reward as R
 from tlcm import render as RD
 from tlcm import world as W
@@ -121,8 +122,8 @@ def test_missing_or_corrupt_reward_says_what_to_run(params, tmp_path, trained):
 
 # ---- preference pairs and losses --------------------------------------------------------------
 
-def test_alternatives_change_exactly_one_attribute():
 @pytest.mark.math
+def test_alternatives_change_exactly_one_attribute():
     one = W.Spec((W.Obj("red", "circle", "small"),), "gray", position="left")
     counts = {k: len(R.alternatives(one, k)) for k in R.ALIGNMENT_KINDS}
     assert counts == {"colour": 5, "shape": 3, "size": 1, "position": 4, "background": 2}
@@ -160,8 +161,8 @@ def test_training_pairs_are_pure_and_never_show_heldout_specs():
     assert {CONDITIONS[int(a.conditions[i])] for i in degraded} <= {"detail", "overall"}
 
 
-@pytest.mark.parametrize("kind", DEGRADATIONS)
 @pytest.mark.math
+@pytest.mark.parametrize("kind", DEGRADATIONS)
 def test_degradations_stay_images_and_change_them(kind):
     x = RD.to_unit_tensor(RD.render_batch(W.sample_specs(1, 4, "train"), 1))
     y = degrade(x, kind, torch.Generator().manual_seed(0))
@@ -169,8 +170,8 @@ def test_degradations_stay_images_and_change_them(kind):
     assert (y - x).abs().mean() > 0.005
 
 
-def test_losses_golden():
 @pytest.mark.math
+def test_losses_golden():
     zero = torch.zeros(3)
     assert bradley_terry_loss(zero, zero).item() == pytest.approx(math.log(2))
     sw, sl = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.5])
@@ -230,8 +231,8 @@ def images_and_prompts(n: int = 3, size: int = 20):
     return RD.to_unit_tensor(RD.render_batch(specs, 9, size)), [s.caption() for s in specs]
 
 
-def test_pickled_mps_is_refused_without_trust(released, tmp_path, params):
 @pytest.mark.math
+def test_pickled_mps_is_refused_without_trust(released, tmp_path, params):
     pth, _, _ = released
     with pytest.raises(ArtifactError, match="trust_pickled.*convert-mps|convert-mps.*trust_pickled"):
         load_mps(pth)
@@ -244,8 +245,8 @@ def test_pickled_mps_is_refused_without_trust(released, tmp_path, params):
         R.run(with_reward(params, source=str(pth)), Paths(tmp_path))
 
 
-def test_pickled_mps_loads_with_trust_and_a_warning_and_scores_like_the_original(released, tokenizer_dir):
 @pytest.mark.math
+def test_pickled_mps_loads_with_trust_and_a_warning_and_scores_like_the_original(released, tokenizer_dir):
     pth, ref, tok = released
     with pytest.warns(UnsafePickleWarning, match="trust_pickled"):
         net = load_mps(pth, trust_pickled=True, tokenizer=tokenizer_dir)
@@ -278,8 +279,8 @@ def test_converted_mps_loads_without_unpickling_and_gives_identical_scores(relea
     assert torch.equal(a, b) and torch.equal(b, c)
 
 
-def test_mps_score_is_differentiable_in_the_images(released, tokenizer_dir):
 @pytest.mark.math
+def test_mps_score_is_differentiable_in_the_images(released, tokenizer_dir):
     _, ref, _ = released
     net = ref.requires_grad_(False)
     images, prompts = images_and_prompts()
@@ -288,16 +289,16 @@ def test_mps_score_is_differentiable_in_the_images(released, tokenizer_dir):
     assert images.grad.abs().sum() > 0
 
 
-def test_missing_mps_checkpoint_is_a_clear_error(tmp_path, params):
 @pytest.mark.math
+def test_missing_mps_checkpoint_is_a_clear_error(tmp_path, params):
     with pytest.raises(ArtifactError, match="MPS checkpoint not found.*convert-mps"):
         load_reward(with_reward(params, source=str(tmp_path / "no_such_folder")), Paths(tmp_path))
     with pytest.raises(ArtifactError, match="MPS checkpoint not found"):
         load_mps(tmp_path / "missing.pth", trust_pickled=True)
 
 
-def test_condition_mask_keeps_prompt_tokens_similar_to_the_condition():
 @pytest.mark.math
+def test_condition_mask_keeps_prompt_tokens_similar_to_the_condition():
     text = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [-1.0, 0.0]]])  # four prompt tokens
     cond = torch.tensor([[[1.0, 0.0], [0.9, 0.1]]])  # two condition tokens
     # best similarity per prompt token: 1.0, 0.1, 0.5, -0.9 -> / 1.0 -> kept where > 0.3
@@ -306,8 +307,8 @@ def test_condition_mask_keeps_prompt_tokens_similar_to_the_condition():
     assert mask[0, 0].tolist() == [0.0, float("-inf"), 0.0, float("-inf")]
 
 
-def test_clip_preprocess_resizes_crops_and_normalises():
 @pytest.mark.math
+def test_clip_preprocess_resizes_crops_and_normalises():
     x = torch.full((2, 3, 20, 30), 0.5)
     y = clip_preprocess(x, 16)
     assert y.shape == (2, 3, 16, 16)

@@ -20,8 +20,9 @@ from PIL import Image
 from torch import nn
 
 from conftest import REPO, run_cli
-from models.scorers import (IMAGEREWARD_MEAN, IMAGEREWARD_STD, AestheticMLP, ImageTransform, clip_score,
-                            imagereward_state_dicts, uint8_to_unit)
+from models.clip_image import ImageTransform
+from models.scorers import (IMAGEREWARD_MEAN, IMAGEREWARD_STD, AestheticMLP, clip_score, imagereward_state_dicts,
+                            uint8_to_unit)
 from tlcm.params import load_params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError
@@ -59,8 +60,8 @@ def fake_hub_cache(root: Path, repo_id: str, src: Path) -> None:
 
 # ---- prompt sources ----------------------------------------------------------------------
 
-def test_prompt_files_in_all_three_formats(tmp_path, params):
 @pytest.mark.math
+def test_prompt_files_in_all_three_formats(tmp_path, params):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -94,8 +95,8 @@ def test_world_prompts_are_the_world_train_captions(tmp_path, params):
     assert read_prompts(limited, paths) == stored[:5]
 
 
-def test_prompt_file_errors_name_the_file_and_what_to_put(tmp_path):
 @pytest.mark.math
+def test_prompt_file_errors_name_the_file_and_what_to_put(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -135,8 +136,8 @@ def write_coco_captions(path: Path, n_images: int = 10) -> dict[str, set[str]]:
     return truth
 
 
-def test_coco_captions_one_per_image_deterministic_prefix_stable(tmp_path):
 @pytest.mark.math
+def test_coco_captions_one_per_image_deterministic_prefix_stable(tmp_path):
     from tlcm.prompt_sources import read_coco_captions
 
     truth = write_coco_captions(tmp_path / "captions_val2017.json")
@@ -268,15 +269,15 @@ def random_images(n: int, h: int, w: int, seed: int) -> torch.Tensor:
 
 # ---- scorers -----------------------------------------------------------------------------
 
-def test_clip_score_is_100_times_clamped_cosine():
 @pytest.mark.math
+def test_clip_score_is_100_times_clamped_cosine():
     img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 0.0], [0.0, 2.0]])
     txt = torch.tensor([[0.6, 0.8], [-1.0, 0.0], [2.0, 0.0], [1.0, 1.0]])
     assert torch.allclose(clip_score(img, txt), torch.tensor([60.0, 0.0, 100.0, 100 / 2 ** 0.5]))
 
 
-def test_preprocessing_matches_clip_image_processor():
 @pytest.mark.math
+def test_preprocessing_matches_clip_image_processor():
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     proc = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -290,8 +291,8 @@ def test_preprocessing_matches_clip_image_processor():
         assert float(diff.mean()) < 0.01 and float(diff.max()) < 0.25, (h, w)  # PIL rounds to uint8 mid-way
 
 
-def test_clip_scorer_end_to_end(clip_dir):
 @pytest.mark.math
+def test_clip_scorer_end_to_end(clip_dir):
     from transformers import CLIPModel
 
     from tlcm.suite_io import load_clip_scorer
@@ -316,8 +317,8 @@ def test_clip_scorer_end_to_end(clip_dir):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_aesthetic_scorer_end_to_end(clip_dir, aesthetic_head):
 @pytest.mark.math
+def test_aesthetic_scorer_end_to_end(clip_dir, aesthetic_head):
     from transformers import CLIPModel
 
     from tlcm.suite_io import load_aesthetic_scorer
@@ -339,8 +340,8 @@ def test_aesthetic_scorer_end_to_end(clip_dir, aesthetic_head):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_aesthetic_loader_errors(tmp_path, clip_dir, aesthetic_head):
 @pytest.mark.math
+def test_aesthetic_loader_errors(tmp_path, clip_dir, aesthetic_head):
     from tlcm.suite_io import load_aesthetic_scorer
 
     with pytest.raises(ArtifactError, match=r"suite\.aesthetic_head: .*missing\.pth.*improved-aesthetic-predictor"):
@@ -383,8 +384,8 @@ def test_image_reward_maps_the_released_layout_and_scores(image_reward_dir):
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_image_reward_loader_errors(tmp_path, image_reward_dir):
 @pytest.mark.math
+def test_image_reward_loader_errors(tmp_path, image_reward_dir):
     from tlcm.suite_io import load_image_reward
 
     with pytest.raises(ArtifactError, match=r"suite\.image_reward: .*ImageReward\.pt' not found.*hf download THUDM/ImageReward"):
@@ -406,8 +407,8 @@ def test_image_reward_loader_errors(tmp_path, image_reward_dir):
         load_image_reward(str(no_vocab), tokenizer_source="nobody/no-bert", head_dim=16)
 
 
-def test_hub_ids_resolve_from_the_cache_only(tmp_path, clip_dir, monkeypatch):
 @pytest.mark.math
+def test_hub_ids_resolve_from_the_cache_only(tmp_path, clip_dir, monkeypatch):
     import huggingface_hub.constants
 
     from tlcm.suite_io import load_clip_scorer
@@ -452,8 +453,8 @@ def coco_fixture(root: Path, n: int, seed: int) -> tuple[Path, Path, np.ndarray]
     return captions, images, colours
 
 
-def test_inception_loader(tmp_path):
 @pytest.mark.math
+def test_inception_loader(tmp_path):
     from tlcm.suite_io import INCEPTION_URL, load_inception
 
     with pytest.raises(ArtifactError, match=f"not found: .*inception.pt'; download {INCEPTION_URL}"):
@@ -523,8 +524,8 @@ def test_run_suite_fid_clip_without_inception(tmp_path, params, clip_dir):
     assert abs(res[0]["fid_clip"]) < 1e-4 < res[1]["fid_clip"]
 
 
-def test_run_suite_checks_its_rows(tmp_path, params):
 @pytest.mark.math
+def test_run_suite_checks_its_rows(tmp_path, params):
     from tasks.suite import ImageSet, run_suite
 
     with pytest.raises(ValueError, match=r"x@2: 3 images for 2 prompts"):
@@ -542,15 +543,15 @@ def test_run_suite_checks_its_rows(tmp_path, params):
 
 # ---- preflight ---------------------------------------------------------------------------
 
-def test_preflight_passes_on_the_embedded_default(params):
 @pytest.mark.math
+def test_preflight_passes_on_the_embedded_default(params):
     from tlcm.preflight import check_assets
 
     assert check_assets(params) == [] and check_assets(load_params(REPO / "params.yaml")) == []
 
 
-def test_preflight_names_every_missing_asset(tmp_path, params, monkeypatch):
 @pytest.mark.math
+def test_preflight_names_every_missing_asset(tmp_path, params, monkeypatch):
     import huggingface_hub.constants
 
     from tlcm.preflight import check_assets, require_assets

@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.reward import MPSNet, RewardScorer, ShapesReward, cross_dims_from_state
+from models.reward.mps import MPSNet, cross_dims_from_state
+from models.reward.scorer import RewardScorer
+from models.reward.shapes import ShapesReward
 from tlcm.storage import ArtifactError, atomic_dir, load_tensors, read_json, save_tensors
 
 MPS_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the tokenizer MPS was trained with

@@ -13,9 +13,9 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from models.scorers import (CLIP_MEAN, CLIP_STD, AestheticMLP, AestheticScorer, ClipImageEmbedder, ClipScorer,
-                            ImageRewardNet, ImageTransform, InceptionFidFeatures, blip_vision_shape,
-                            imagereward_state_dicts, resize_center_crop)
+from models.clip_image import CLIP_MEAN, CLIP_STD, ImageTransform, resize_center_crop
+from models.scorers import (AestheticMLP, AestheticScorer, ClipImageEmbedder, ClipScorer, ImageRewardNet,
+                            InceptionFidFeatures, blip_vision_shape, imagereward_state_dicts)
 from tlcm.storage import ArtifactError
 
 CLIP_G_HUB = "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"
