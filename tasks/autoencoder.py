@@ -16,7 +16,7 @@ from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import atomic_dir, atomic_write_json
-from tlcm.training import cosine_warmup, ensure_finite, run_loop, step_generator
+from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -41,11 +41,7 @@ def run(params: Params, paths: Paths) -> dict:
         terms = {"mse": F.mse_loss(rec, x), "l1": F.l1_loss(rec, x), "kl": post.kl().mean() / x[0].numel()}
         ensure_finite(terms, "autoencoder", step)
         loss = terms["mse"] + terms["l1"] + p.kl_weight * terms["kl"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # means over the shard: the processes' mean gradient is the global batch's
-        D.average_gradients(vae.parameters())
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, vae.parameters(), max_norm=1.0)
         return {k: v.item() for k, v in terms.items()}
 
     ckpt = checkpointer("autoencoder", params, paths)

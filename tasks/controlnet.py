@@ -28,7 +28,7 @@ from tlcm.paths import Paths
 from tlcm.identity import checkpointer
 from tlcm.storage import atomic_dir, atomic_write_json
 from tlcm.teacher_io import load_frozen_teacher
-from tlcm.training import cosine_warmup, ensure_finite, run_loop, step_generator
+from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -88,11 +88,7 @@ def run(params: Params, paths: Paths) -> dict:
         pred = controlled_eps(pipe.unet, controlnet, q_sample(z0, eps, t, ac), t, c, control)
         terms = {"eps_mse": F.mse_loss(pred, eps)}
         ensure_finite(terms, "controlnet", step)
-        opt.zero_grad(set_to_none=True)
-        terms["eps_mse"].backward()  # a mean over the shard: averaged gradients = the global batch's
-        D.average_gradients(controlnet.parameters())
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, terms["eps_mse"], controlnet.parameters(), max_norm=1.0)
         return {k: v.item() for k, v in terms.items()}
 
     ckpt = checkpointer("controlnet", params, paths)

@@ -22,7 +22,7 @@ from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, save_tensors
-from tlcm.training import cosine_warmup, ensure_finite, run_loop, step_generator
+from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -123,10 +123,7 @@ def run(params: Params, paths: Paths) -> dict:
         terms = classification_loss(net(D.shard(x).to(D.device())), {k: D.shard(y).to(D.device())
                                                                       for k, y in labels.items()}, counts)
         ensure_finite(terms, "evaluator", step)
-        opt.zero_grad(set_to_none=True)
-        sum(terms.values()).backward()
-        D.average_gradients(net.parameters())
-        opt.step()
+        optimizer_step(opt, sum(terms.values()), net.parameters(), max_norm=None)
         return {"ce": sum(v.item() for v in terms.values())}
 
     ckpt = checkpointer("evaluator", params, paths)

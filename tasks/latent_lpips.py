@@ -28,9 +28,9 @@ from tlcm import distributed as D
 from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, save_tensors
+from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
 from tlcm.render import to_unit_tensor
-from tlcm.training import cosine_warmup, ensure_finite, run_loop, step_generator
+from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -80,12 +80,10 @@ def load_latent_lpips(params: Params, paths: Paths) -> LatentLPIPS:
     on latents (N, C, H, W). Missing or corrupt files raise :class:`ArtifactError` naming them."""
     out = output_dir(paths)
     cfg_path = out / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise ArtifactError(f"latent LPIPS not found: {cfg_path}; run `tlcm stage latent_lpips` first")
+    cfg = read_json(cfg_path, "latent LPIPS", "run `tlcm stage latent_lpips` first")
     try:
-        cfg = json.loads(cfg_path.read_text())
         net = LatentLPIPS(int(cfg["in_channels"]), int(cfg["width_divisor"]))
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(f"latent LPIPS config is corrupt: {cfg_path} ({e}); re-run `tlcm stage latent_lpips`") from e
     state = load_tensors(out / MODEL_FILE, what="latent LPIPS weights")
     try:
@@ -147,10 +145,7 @@ def run(params: Params, paths: Paths) -> dict:
         d0, d1 = net.triplet_distances(ref, p0, p1)
         loss = ranking_loss(head, d0, d1, judge)
         ensure_finite({"bce": loss}, "latent_lpips", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()  # a mean over the shard: the processes' mean gradient is the global batch's
-        D.average_gradients([*net.parameters(), *head.parameters()])
-        opt.step()
+        optimizer_step(opt, loss, [*net.parameters(), *head.parameters()], max_norm=None)
         with torch.no_grad():
             agree = two_afc_score(d0, d1, judge).mean()
         return {"bce": loss.item(), "2afc": agree.item()}

@@ -247,7 +247,7 @@ def promote(version: int | str, params: Params, force: bool = False) -> Promotio
         except Exception as e:  # noqa: BLE001
             raise ArtifactError(f"version {version} of '{name}' has no readable benchmark.json at {mv.source} "
                                 f"({type(e).__name__})") from None
-        bench = json.loads(Path(f).read_text())
+        bench = read_json(f, f"benchmark.json of version {version} of '{name}'", "register a version again")
     fails = gate_failures(bench, params)
     if fails and not force:
         raise PromotionRefused(f"refusing to promote '{name}' version {version} to '{CHAMPION}':\n  "

@@ -16,6 +16,7 @@ from tlcm.checkpoints import prune_after_success
 from tlcm.locks import stage_lock, stage_lock_here
 from tlcm.params import Params
 from tlcm.paths import Paths
+from tlcm.storage import read_json
 
 log = logging.getLogger("tlcm")
 
@@ -59,8 +60,6 @@ def run_stage_on_worker(name: str, params: Params, paths: Paths, params_file: st
                         preset: str | None = None) -> dict:
     """What a Prefect task runs: ``run_stage`` in this process, or, on a worker with N > 1 GPUs, the
     stage under ``accelerate launch`` on N processes (training stages that support it)."""
-    import json
-
     from tlcm.distributed import default_num_processes, launch_stage
 
     n = default_num_processes()
@@ -69,4 +68,5 @@ def run_stage_on_worker(name: str, params: Params, paths: Paths, params_file: st
     log.info("stage %s: launching on %d processes", name, n)
     with stage_lock(paths.root, name):
         launch_stage(name, n, params_file, preset, str(paths.root))
-    return json.loads((paths.metrics / f"{name}.json").read_text())
+    return read_json(paths.metrics / f"{name}.json", f"metrics of stage {name}",
+                     "the launched processes did not publish them; see their log above")

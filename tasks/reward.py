@@ -35,8 +35,9 @@ from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.reward_io import TRAIN_HINT, check_mps_source, load_reward, load_tokenizer, save_shapes_reward  # noqa: F401
+from tlcm.seeds import mix_seed
 from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json
-from tlcm.training import cosine_warmup, ensure_finite, run_loop, step_generator
+from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -173,11 +174,6 @@ def train_scores(net: ShapesReward, tok, pairs: Pairs, negatives: list[str], tex
     return s.chunk(2), torch.cat([grid[i, i][:, None], own_negatives, others], 1)
 
 
-def train_seed(seed: int, step: int) -> int:
-    """The data seed of training step ``step`` (as ``world.train_batch``)."""
-    return (seed * 1_000_003 + step) % (2**32)
-
-
 def build(params: Params, vocab_size: int) -> ShapesReward:
     """A fresh shapes-world reward model for ``params``."""
     p = params.reward
@@ -248,7 +244,7 @@ def run(params: Params, paths: Paths) -> dict:
         for g in opt.param_groups:
             g["lr"] = p.lr * cosine_warmup(step, min(50, p.steps // 10 + 1), p.steps, floor=0.05)
         net.train()
-        seed = train_seed(p.seed, step)
+        seed = mix_seed(p.seed, step)  # the data seed of the step (as render.train_batch)
         pairs = make_pairs(seed, p.batch_size, "train", wp.two_object_frac, wp.image_size)
         negatives = text_negatives(pairs.specs, seed, TEXT_NEGATIVES)
         text_conditions = torch.from_numpy(np.random.default_rng([seed, 31]).choice(ALIGNMENT_CONDITIONS, p.batch_size))
@@ -256,10 +252,8 @@ def run(params: Params, paths: Paths) -> dict:
         terms = {"bt": bradley_terry_loss(sw, sl), "listwise": listwise_loss(lists),
                  "center": CENTERING_WEIGHT * centering_loss(sw, sl)}
         ensure_finite(terms, "reward", step)
-        opt.zero_grad(set_to_none=True)
-        sum(terms.values()).backward()  # the whole batch's loss on every process (see train_scores)
-        D.average_gradients(net.parameters())
-        opt.step()
+        optimizer_step(opt, sum(terms.values()), net.parameters(), max_norm=None)  # the whole batch's loss on
+        # every process (see train_scores): averaging leaves its gradient as it is
         return {k: v.item() for k, v in terms.items()} | {"acc": pairwise_accuracy(sw.detach(), sl.detach())}
 
     ckpt = checkpointer("reward", params, paths)

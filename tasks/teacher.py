@@ -37,7 +37,7 @@ from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json
 from tlcm.teacher_io import load_teacher
-from tlcm.training import cosine_warmup, ensure_finite, run_loop, step_generator
+from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 
@@ -138,14 +138,10 @@ def run(params: Params, paths: Paths) -> dict:
             terms["parse_ce"] = sum(parse.values()) / len(parse)
         ensure_finite(terms, "teacher", step)
         weight = min_snr_weight(model.alphas_cumprod, t, p.min_snr_gamma).to(dev)
-        opt.zero_grad(set_to_none=True)
         loss = (weight * per_sample).mean()  # a mean over the shard: averaged gradients = the global mean's
         if head is not None:
             loss = loss + p.parse_weight * terms["parse_ce"]
-        loss.backward()
-        D.average_gradients(trainable)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, trainable, max_norm=1.0)
         ema.step(trainable)
         return {k: v.item() for k, v in terms.items()}
 

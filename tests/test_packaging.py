@@ -7,7 +7,8 @@ import pytest
 import yaml
 from servers import fake_outputs
 
-from tlcm.packaging import base_reference, hub_revision, lora_folder, save_pyfunc
+from tlcm.hub import hub_revision
+from tlcm.packaging import base_reference, lora_folder, save_pyfunc
 from tlcm.paths import Paths
 
 REV = "0123456789abcdef0123456789abcdef01234567"

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from models.lora_formats import lora_modules, to_kohya, to_peft
-from tlcm.storage import ArtifactError, atomic_dir, load_tensors, save_tensors
+from tlcm.storage import ArtifactError, atomic_dir, load_tensors, read_json, save_tensors
 
 log = logging.getLogger("tlcm")
 
@@ -36,7 +36,7 @@ def read_lora(folder: Path) -> tuple[dict, dict]:
     if len(sd) != 2 * len(mods) or any(f"unet.{m}.lora_B.weight" not in sd for m in mods):
         raise ArtifactError(f"{folder / WEIGHTS}: expected one lora_A and one lora_B per module, found {len(sd)} "
                             f"tensors for {len(mods)} modules")
-    return sd, json.loads(meta_file.read_text())
+    return sd, read_json(meta_file, "LoRA metadata", f"re-export or re-run the stage that wrote {folder}")
 
 
 def base_of(source_dir: Path, teacher: str | None) -> str:

@@ -14,7 +14,7 @@ import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from models.lora import STUDENT, add_lora
-from tlcm.storage import ArtifactError, atomic_dir, load_tensors
+from tlcm.storage import ArtifactError, atomic_dir, load_tensors, read_json
 
 WEIGHTS = "pytorch_lora_weights.safetensors"
 
@@ -39,9 +39,7 @@ def load_lora_into(unet, folder: str | Path, name: str = STUDENT) -> None:
     """Add adapter ``name`` to ``unet`` and load a saved student LoRA into it (to continue training)."""
     folder = Path(folder)
     meta_file = folder / "tlcm_lora.json"
-    if not meta_file.is_file():
-        raise ArtifactError(f"LoRA not found: {meta_file} is missing; run the stage that writes {folder} first")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file, "LoRA", f"run the stage that writes {folder} first")
     sd = load_tensors(folder / WEIGHTS, what="LoRA weights")
     add_lora(unet, meta["rank"], name, meta["lora_alpha"])
     res = set_peft_model_state_dict(unet, {k.removeprefix("unet."): v for k, v in sd.items()}, adapter_name=name)

@@ -15,6 +15,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from tlcm.hub import hub_revision
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.teacher_io import resolve_teacher
@@ -25,14 +26,6 @@ SERVING_CODE = Path(__file__).with_name("serving.py")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 REQUIREMENTS = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "pillow", "pandas")
 EXAMPLE_PROMPT = "a red circle left of a blue square on a white background"
-
-
-def hub_revision(repo_id: str) -> str | None:
-    """The commit of ``repo_id`` in the local Hugging Face cache (no network), or None."""
-    from huggingface_hub import try_to_load_from_cache
-
-    f = try_to_load_from_cache(repo_id, "model_index.json")
-    return Path(f).parent.name if isinstance(f, str) else None
 
 
 def base_reference(source: str) -> dict:

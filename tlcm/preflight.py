@@ -8,17 +8,16 @@ every ``suite`` path that is set. Assets the pipeline builds itself are not chec
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tlcm.params import Params
-from tlcm.storage import ArtifactError
+from tlcm.storage import ArtifactError, read_json
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def _teacher_problem(source: str) -> str | None:
-    from tlcm.suite_io import cached_snapshot, looks_like_hub_id
+    from tlcm.hub import cached_snapshot, looks_like_hub_id
 
     if looks_like_hub_id(source):
         folder = cached_snapshot(source)
@@ -29,7 +28,10 @@ def _teacher_problem(source: str) -> str | None:
         where, get = f"'{folder}' has no model_index.json", "set teacher.source to an SDXL/SD1.5 diffusers folder"
     if folder is None or not (folder / "model_index.json").is_file():
         return f"teacher weights (teacher.source): {where}; get them with {get}, or use `teacher.source: train`"
-    index = json.loads((folder / "model_index.json").read_text())
+    try:
+        index = read_json(folder / "model_index.json", "teacher model_index.json", f"get the teacher again with {get}")
+    except ArtifactError as e:
+        return f"teacher weights (teacher.source '{source}'): {e}"
     unet = folder / "unet"
     if "unet" in index and not (unet.is_dir() and any(f.suffix in WEIGHT_SUFFIXES for f in unet.iterdir())):
         return f"teacher weights (teacher.source '{source}'): no UNet weight file in {unet}; the download is incomplete"

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tlcm.seeds import mix_seed
 from tlcm.world import BACKGROUNDS, COLOURS, Spec, Split, sample_specs
 
 SS = 3  # supersampling factor
@@ -188,16 +189,11 @@ def render(spec: Spec, seed: int, size: int = 32) -> np.ndarray:
     return render_batch([spec], seed, size)[0]
 
 
-def data_seed(seed: int, step: int) -> int:
-    """The data seed of training step ``step`` (renders and specs are a pure function of it)."""
-    return (seed * 1_000_003 + step) % (2**32)
-
-
 def train_scenes(seed: int, step: int, n: int, two_object_frac: float = 0.5, size: int = 32,
                  split: Split | None = "train") -> tuple[list[Spec], np.ndarray, dict[str, np.ndarray]]:
     """Training data for ``step``: specs of ``split`` (generators: "train" only), renders and nuisance
     labels, a pure function of (seed, step)."""
-    s = data_seed(seed, step)
+    s = mix_seed(seed, step)  # renders and specs are a pure function of it
     specs = sample_specs(s, n, split, two_object_frac)
     return (specs, *render_scenes(specs, s, size))
 

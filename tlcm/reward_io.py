@@ -24,6 +24,7 @@ from torch import nn
 from models.reward.mps import MPSNet, cross_dims_from_state
 from models.reward.scorer import RewardScorer
 from models.reward.shapes import ShapesReward
+from tlcm.hub import looks_like_hub_id
 from tlcm.storage import ArtifactError, atomic_dir, load_tensors, read_json, save_tensors
 
 MPS_TOKENIZER = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # the tokenizer MPS was trained with
@@ -61,7 +62,7 @@ def load_tokenizer(source: str | Path, what: str, hint: str) -> Any:
     from transformers import AutoTokenizer, CLIPTokenizer
 
     path = Path(source)
-    if (path.is_absolute() or path.exists() or str(source).count("/") != 1) and not path.is_dir():
+    if not path.is_dir() and not looks_like_hub_id(str(source)):
         raise ArtifactError(f"{what} tokenizer not found: {source}; {hint}")
     try:
         if (path / "vocab.json").is_file():

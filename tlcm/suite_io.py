@@ -1,11 +1,10 @@
 """Loaders for the Table 1 suite's assets: local paths, or hub ids already in the Hugging Face cache.
 
-Nothing here downloads: a hub id is resolved with ``local_files_only=True``, and a missing
+Nothing here downloads: a hub id is resolved from the local cache (:mod:`tlcm.hub`), and a missing
 file stops with an :class:`ArtifactError` naming it and where to get it.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -16,7 +15,8 @@ import torch
 from models.clip_image import CLIP_MEAN, CLIP_STD, ImageTransform, resize_center_crop
 from models.scorers import (AestheticMLP, AestheticScorer, ClipImageEmbedder, ClipScorer, ImageRewardNet,
                             InceptionFidFeatures, blip_vision_shape, imagereward_state_dicts)
-from tlcm.storage import ArtifactError
+from tlcm.hub import resolve_file, resolve_folder
+from tlcm.storage import ArtifactError, read_json
 
 CLIP_G_HUB = "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"
 CLIP_L_HUB = "openai/clip-vit-large-patch14"
@@ -28,54 +28,6 @@ IMAGEREWARD_FILES = ("ImageReward.pt", "med_config.json")
 BERT_HUB = "google-bert/bert-base-uncased"
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 COCO_IMAGES_URL = "http://images.cocodataset.org/zips/val2017.zip"
-
-
-def looks_like_hub_id(source: str) -> bool:
-    """``owner/name`` that is not an existing local path."""
-    return source.count("/") == 1 and not source.startswith((".", "/", "~")) and not Path(source).exists()
-
-
-def cached_snapshot(repo_id: str) -> Path | None:
-    """The local snapshot folder of ``repo_id`` in the Hugging Face cache, or None."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError):
-        return None
-
-
-def resolve_folder(source: str, what: str, hint: str, marker: str = "config.json") -> Path:
-    """A local folder holding ``marker``: ``source`` itself, or the cached snapshot of hub id ``source``."""
-    folder = Path(source).expanduser()
-    if looks_like_hub_id(source):
-        snap = cached_snapshot(source)
-        if snap is None or not (snap / marker).is_file():
-            raise ArtifactError(f"{what}: hub id '{source}' is not in the Hugging Face cache (nothing is downloaded at "
-                                f"run time); get it with `hf download {source}` or point params at a local folder. {hint}")
-        return snap
-    if not (folder / marker).is_file():
-        raise ArtifactError(f"{what}: no {marker} in '{folder}'. {hint}")
-    return folder
-
-
-def resolve_file(source: str, filename: str, what: str, hint: str) -> Path:
-    """A local file: ``source`` itself, ``source/filename``, or ``filename`` in the cached hub repo ``source``."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if (path / filename).is_file():
-            return path / filename
-        raise ArtifactError(f"{what}: '{path / filename}' not found. {hint}")
-    if looks_like_hub_id(source):
-        snap = cached_snapshot(source)
-        if snap is not None and (snap / filename).is_file():
-            return snap / filename
-        raise ArtifactError(f"{what}: '{filename}' of hub repo '{source}' is not in the Hugging Face cache; get it with "
-                            f"`hf download {source} {filename}` or point params at a local file. {hint}")
-    raise ArtifactError(f"{what}: '{path}' not found. {hint}")
 
 
 def read_state_dict(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -115,7 +67,8 @@ def clip_transform(folder: Path, image_size: int) -> ImageTransform:
     """The CLIP preprocessing of a model folder: crop = the vision tower's input size, mean/std from
     ``preprocessor_config.json`` when present (OpenAI's CLIP constants otherwise)."""
     cfg_file = folder / "preprocessor_config.json"
-    cfg: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    cfg: dict[str, Any] = read_json(cfg_file, "CLIP preprocessor config", "re-download the CLIP model folder") \
+        if cfg_file.is_file() else {}
     return ImageTransform(image_size, tuple(cfg.get("image_mean", CLIP_MEAN)), tuple(cfg.get("image_std", CLIP_STD)))
 
 
@@ -185,7 +138,7 @@ def load_image_reward(source: str, tokenizer_source: str = BERT_HUB, head_dim: i
     hint = f"ImageReward: `hf download {IMAGEREWARD_HUB} {' '.join(IMAGEREWARD_FILES)}`, then set suite.image_reward"
     ckpt = resolve_file(source, IMAGEREWARD_FILES[0], "suite.image_reward", hint)
     med_file = resolve_file(str(ckpt.parent), IMAGEREWARD_FILES[1], "suite.image_reward", hint)
-    med = json.loads(med_file.read_text())
+    med = read_json(med_file, "ImageReward med_config.json", hint)
     try:
         parts = imagereward_state_dicts(read_state_dict(ckpt, "suite.image_reward"))
         shape = blip_vision_shape(parts["vision"], head_dim)

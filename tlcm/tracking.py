@@ -110,6 +110,22 @@ def _tags(params, extra: dict[str, str] | None = None) -> dict[str, str]:
     return tags
 
 
+@dataclass
+class Outcome:
+    """How a run's block ended (MLflow's FINISHED, KILLED on Ctrl-C, else FAILED) and when it started."""
+    t0: float = field(default_factory=time.monotonic)
+    status: str = "FAILED"
+
+    @contextlib.contextmanager
+    def of_block(self) -> Iterator[None]:
+        try:
+            yield
+            self.status = "FINISHED"
+        except KeyboardInterrupt:
+            self.status = "KILLED"
+            raise
+
+
 @contextlib.contextmanager
 def pipeline_run(params, paths, run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[str | None]:
     """The parent MLflow run of one pipeline run (flow run or ``tlcm run``); yields its id (None when off)."""
@@ -124,18 +140,15 @@ def pipeline_run(params, paths, run_name: str | None = None, tags: dict[str, str
     c.log_batch(rid, params=_params_list({"preset": params.preset, "artifacts": str(paths.root)}))
     log.info("mlflow: pipeline run %s (experiment '%s' at %s)", rid, experiment_name(), redact(tracking_uri()))
     previous, _parent_run = _parent_run, rid
-    t0, status = time.monotonic(), "FAILED"
+    outcome = Outcome()
     try:
-        yield rid
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
+        with outcome.of_block():
+            yield rid
     finally:
         _parent_run = previous
         with contextlib.suppress(Exception):
-            c.log_metric(rid, "wall_seconds", time.monotonic() - t0)
-        c.set_terminated(rid, status)
+            c.log_metric(rid, "wall_seconds", time.monotonic() - outcome.t0)
+        c.set_terminated(rid, outcome.status)
 
 
 def _params_list(d: dict[str, Any]):
@@ -162,21 +175,18 @@ def stage_run(stage: str, params, paths) -> Iterator[StageRecord]:
         rec.run_id = c.create_run(experiment_id(), run_name=stage, tags=tags).info.run_id
         c.log_batch(rec.run_id, params=_params_list(stage_params(stage, params)))
     token = _current.set(rec)
-    t0, status = time.monotonic(), "FAILED"
+    outcome = Outcome()
     try:
-        yield rec
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
+        with outcome.of_block():
+            yield rec
     finally:
         _current.reset(token)
         history_file = write_history(stage, paths, rec.history)
         if c is not None and rec.run_id:
             try:
-                _finish_stage(c, rec, paths, time.monotonic() - t0, history_file, status)
+                _finish_stage(c, rec, paths, time.monotonic() - outcome.t0, history_file, outcome.status)
             finally:
-                c.set_terminated(rec.run_id, status)
+                c.set_terminated(rec.run_id, outcome.status)
 
 
 def _finish_stage(c, rec: StageRecord, paths, seconds: float, history_file: Path | None, status: str) -> None:

@@ -2,7 +2,7 @@
 
 A stage supplies ``step_fn(step) -> dict[str, float]`` (it computes its
 named loss terms, calls :func:`ensure_finite` on them *before* it updates any
-weight, then steps its own optimisers) and the objects whose
+weight, then steps its optimisers with :func:`optimizer_step`) and the objects whose
 ``state_dict()`` make up its state. Data and noise must be a function of
 ``step`` (see :func:`step_generator`) so that a resumed run continues
 exactly as an uninterrupted one would.
@@ -17,13 +17,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from tlcm import distributed, tracking
 from tlcm.checkpoints import Checkpointer
+from tlcm.seeds import mix_seed
 
 log = logging.getLogger("tlcm")
 
@@ -37,9 +38,23 @@ class Stateful(Protocol):
     def load_state_dict(self, state: dict) -> Any: ...
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: Iterable[torch.nn.Parameter],
+                   max_norm: float | None) -> None:
+    """One optimiser step of a training stage: zero the gradients, backward ``loss`` (a mean over this
+    process's shard), average the gradients over the processes (:func:`tlcm.distributed.average_gradients`:
+    the one-process gradient of the global mean), clip their norm to ``max_norm`` (None: no clipping), step."""
+    params = list(params)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    distributed.average_gradients(params)
+    if max_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+
+
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch generator that depends only on (seed, step)."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+    return torch.Generator(device=device).manual_seed(mix_seed(seed, step, 2**63 - 1))
 
 
 def ensure_finite(terms: dict[str, torch.Tensor], stage: str, step: int) -> None:
