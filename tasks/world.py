@@ -1,7 +1,6 @@
 """Stage `world`: the shapes world's tokenizer and prompt sets (train / eval / compositional)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -9,26 +8,11 @@ from pathlib import Path
 from tlcm import world as W
 from tlcm.params import Params
 from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, atomic_dir
+from tlcm.storage import atomic_dir
 from tlcm.tokenizer import write_tokenizer
+from tlcm.world_io import read_prompts, spec_to_json  # noqa: F401 - read_prompts: tasks.evaluate/distill import it here
 
 log = logging.getLogger("tlcm")
-
-
-def spec_to_json(spec: W.Spec) -> dict:
-    return {"caption": spec.caption(), "labels": spec.canonical(), "spec": dataclasses.asdict(spec)}
-
-
-def spec_from_json(d: dict) -> W.Spec:
-    s = d["spec"]
-    return W.Spec(tuple(W.Obj(**o) for o in s["objects"]), s["bg"], s.get("position"), s.get("relation"))
-
-
-def read_prompts(paths: Paths, split: str) -> list[W.Spec]:
-    f = paths.prompts(split)
-    if not f.is_file():
-        raise ArtifactError(f"prompt set not found: {f}. Build it with `tlcm stage world` (or `dvc repro world`).")
-    return [spec_from_json(json.loads(line)) for line in f.read_text().splitlines() if line.strip()]
 
 
 def run(params: Params, paths: Paths) -> dict:

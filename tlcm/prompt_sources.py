@@ -100,7 +100,7 @@ def read_prompts(params: Params, paths: Paths) -> list[str]:
     """The training prompts of the data-free stages, as ``params.prompts`` says."""
     p = params.prompts
     if p.source == "world":
-        from tasks.world import read_prompts as read_world_prompts
+        from tlcm.world_io import read_prompts as read_world_prompts
 
         captions = [s.caption() for s in read_world_prompts(paths, "train")]
     else:
