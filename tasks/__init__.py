@@ -1,1 +1,10 @@
-"""One module per pipeline stage; each exposes ``run(params, paths) -> dict`` (called by DVC and Prefect alike)."""
+"""The pipeline's stages: ``tasks/<stage>.py`` exposes ``run(params, paths) -> dict`` for each stage that
+:mod:`tlcm.stages` declares (the one list of stages, in pipeline order); DVC (``tlcm stage``), ``tlcm run``
+and the Prefect tasks all call it through :func:`tasks.registry.run_stage`.
+
+Besides the stage modules, the package holds what stages share and nothing in :mod:`tlcm` may import:
+``registry`` (running a stage: lock, identity, records), ``distill`` (the loop of ``lcm_baseline``,
+``mlcd`` and ``ilcd``), ``finetune`` (the student set-up of ``mps`` and ``dmgan``), and the parts of
+``evaluate``: ``generate`` (sampling; also ``tlcm generate``), ``suite`` (the Table 1 metrics) and
+``applications`` (img2img, inpainting and ControlNet rows).
+"""
