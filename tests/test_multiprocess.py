@@ -8,6 +8,7 @@ one-process runs with 1 and 2 torch threads (float32 summation order).
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -175,8 +176,8 @@ OTHER_STAGES = {
 # Tolerance: max |Δ| over the saved tensors < a quarter of one AdamW step (lr 1e-3: Adam's first
 # steps move a weight by up to ~lr, whatever its gradient's size, so float32 summation-order noise in
 # a near-zero gradient shows up at that scale). Measured (printed per stage): autoencoder 1.8e-5,
-# evaluator 4.8e-5, latent_lpips 1.1e-6, reward 3.0e-5 (on its scores), mps 3.5e-5, dmgan 2.0e-4,
-# the last the same as between two one-process dmgan runs with 1 and with 2 torch threads (2.0e-4).
+# evaluator 4.8e-5, latent_lpips 1.1e-6, reward 3.0e-5 (on its scores), mps 3.5e-5. dmgan's weights differ by
+# up to 7.3e-4 (as much as between two one-process runs with 1 and 2 torch threads), so dmgan compares samples.
 OTHER_TOL = 0.25 * LR
 
 
@@ -198,6 +199,23 @@ def _stage_root(tmp_path_factory, name, chain, out: str):
         if d.name not in (out, "checkpoints", "metrics") and not d.name.startswith("."):
             (root / d.name).symlink_to(d)
     return root
+
+
+def _sample_gap(chain, one, two, init) -> float:
+    """Mean |pixel| gap between the 2-step samples of LoRAs ``one`` and ``two`` (same prompts, same seed), asserted
+    under a tenth of the gap between ``one`` and its input LoRA ``init``; returns the first."""
+    from tasks.generate import load_student_pipe, student_samples
+    from tlcm.world_io import read_prompts
+
+    prompts = [s.caption() for s in read_prompts(chain, "eval")[:8]]
+    img = {}
+    for name, folder in (("one", one), ("two", two), ("init", init)):
+        pipe = load_student_pipe(str(chain.teacher), folder)
+        img[name] = student_samples(pipe, prompts, 2, 0, 8, pipe.scheduler).images.astype(np.float64)
+    gap, moved = np.abs(img["one"] - img["two"]).mean(), np.abs(img["one"] - img["init"]).mean()
+    print(f"dmgan: mean |sample(1 process) - sample(2 processes)| = {gap:.3g}; training moved samples by {moved:.3g}")
+    assert gap < 0.1 * moved
+    return gap
 
 
 @pytest.mark.parametrize("stage", list(OTHER_STAGES))
@@ -248,7 +266,14 @@ def test_stage_on_two_processes_matches_one_process(stage, technique_inputs, smo
         s1, s2 = (torch.cat(pair_scores(net, net.tokenizer, pairs)) for net in nets)
         diff = (s1 - s2).abs().max().item()
         print(f"reward: max |score(1 process) - score(2 processes)| = {diff:.3g} over {len(s1)} scores")
-    assert diff < OTHER_TOL
+    if stage == "dmgan":
+        # The generator's gradient comes through the critic (updated twice per step): float summation order
+        # changes near-zero gradients' signs, and Adam's first steps (≈ lr·sign(g)) turn that into weight
+        # differences of up to ~lr (measured 2.0e-4 here and 7.3e-4 on CI; the same between 1 and 2 torch
+        # threads in one process). Compare what the two LoRAs sample, against how far training moved it.
+        diff = _sample_gap(technique_inputs, one.root / out, two.root / out, technique_inputs.root / "lora_mps")
+    else:
+        assert diff < OTHER_TOL
     if stage in ("mps", "dmgan"):  # the LoRA moved from its input by far more than the tolerance
         init = {"mps": "lora_ilcd", "dmgan": "lora_mps"}[stage]
         a = load_file(one.root / out / "pytorch_lora_weights.safetensors")
