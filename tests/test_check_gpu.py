@@ -57,7 +57,7 @@ def test_parts_on_the_cpu_at_smoke_size(smoke_params, tmp_path):
     """(b) every checked stage's real step at the sdxl preset's precision settings, with `tlcm plan`'s memory
     prediction for the same settings; (c) sampling; and the bf16-vs-float32 step, on the smoke teacher's sizes."""
     from tlcm import check_gpu as C
-    from tlcm import plan as P
+    from tlcm.plan.networks import mini_costs
     from tlcm.rig import tiny_networks
 
     params = smoke_params.model_copy(update={
@@ -68,7 +68,7 @@ def test_parts_on_the_cpu_at_smoke_size(smoke_params, tmp_path):
         params = params.model_copy(update={st: params.section(st).model_copy(update={"batch_size": 4})})
     cpu = torch.device("cpu")
     res, nets = C.sdxl_part(params, smoke_params, lambda: tiny_networks(smoke_params, dtype=torch.bfloat16), 2, 2,
-                            cpu, P.mini_costs(smoke_params))
+                            cpu, mini_costs(smoke_params))
     assert set(res["stages"]) == set(C.CHECK_STAGES)
     for st, r in res["stages"].items():
         assert r["batch_per_gpu"] == 2 and r["seconds_per_iteration"] > 0 and r["finite"], (st, r)

@@ -135,7 +135,7 @@ def test_kohya_names_map_back_through_diffusers_converter_on_full_size_unets(arc
     own kohya converter: the key-level round trip, on meta-device UNets (no weights)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    from tlcm.plan import SDXL_UNET_CONFIG, attach_lora, build_unet
+    from tlcm.plan.configs import SDXL_UNET_CONFIG, attach_lora, build_unet
 
     cfg = dict(SDXL_UNET_CONFIG) if arch == "sdxl" else dict(  # runwayml/stable-diffusion-v1-5's UNet
         sample_size=64, cross_attention_dim=768, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,

@@ -3,7 +3,7 @@
 On a machine with a CUDA GPU it
 
 (a) runs the `smoke` pipeline end to end on the GPU (every stage, temporary artifacts, tracking off);
-(b) builds an SDXL-architecture pipeline from SDXL's own configs (:mod:`tlcm.plan`; random weights, nothing
+(b) builds an SDXL-architecture pipeline from SDXL's own configs (:mod:`tlcm.plan.configs`; random weights, nothing
     downloaded) and runs a few iterations of `mlcd`, `ilcd`, `mps` and `dmgan` with the `sdxl` preset's settings
     (1024², frozen weights in ``teacher.dtype``, gradient checkpointing, the teacher buffer) at the batch each GPU
     of a ``--gpus``-GPU launch trains (the preset's global batch / ``--gpus``), timing each and reading the peak
@@ -169,16 +169,17 @@ def stage_timing(stage: str, params, nets, iterations: int, device: torch.device
 
 def planned_gib(stage: str, params, tiny_params, costs, batch: int) -> dict:
     """`tlcm plan`'s prediction for ``stage`` on one GPU at ``batch`` (with and without gradient checkpointing)."""
-    from tlcm import plan as P
+    from tlcm.plan.counts import StageRecipe
+    from tlcm.plan.estimates import memory_plan
     from tlcm.rig import count_evals
 
     section = params.section(stage)
     ranks = (params.ilcd.rank, params.dmgan.fake_rank) if stage == "dmgan" else (
         params.ilcd.rank if stage == "mps" else section.rank,)
-    recipe = P.StageRecipe(stage, section.steps, batch, count_evals(stage, params, tiny_params), ranks,
+    recipe = StageRecipe(stage, section.steps, batch, count_evals(stage, params, tiny_params), ranks,
                            trains_head=stage == "dmgan")
-    return {"plan_gib": P.memory_plan(costs, recipe, params.teacher.gradient_checkpointing).total_bytes(batch) / GiB,
-            "plan_gib_without_checkpointing": P.memory_plan(costs, recipe, False).total_bytes(batch) / GiB}
+    return {"plan_gib": memory_plan(costs, recipe, params.teacher.gradient_checkpointing).total_bytes(batch) / GiB,
+            "plan_gib_without_checkpointing": memory_plan(costs, recipe, False).total_bytes(batch) / GiB}
 
 
 def sampling(nets, params, n_prompts: int, device: torch.device) -> dict:
@@ -264,7 +265,7 @@ def sdxl_part(params, tiny_params, nets_fn: Callable[[], Any], gpus: int, iterat
 def run_check(params_file: str | Path, out: Path, gpus: int = 4, iterations: int = 3, n_prompts: int = 4,
               parts: tuple[str, ...] = ("smoke", "sdxl", "sampling", "dtype")) -> dict:
     """Every part on the CUDA device; the JSON written to ``out`` and returned."""
-    from tlcm import plan as P
+    from tlcm.plan.networks import sdxl_costs
     from tlcm.rig import sdxl_networks
 
     t0 = time.monotonic()
@@ -282,7 +283,7 @@ def run_check(params_file: str | Path, out: Path, gpus: int = 4, iterations: int
     nets = None
     if "sdxl" in parts:
         dtype = getattr(torch, params.teacher.dtype)
-        costs = P.sdxl_costs(params.mlcd.rank, dtype=dtype)
+        costs = sdxl_costs(params.mlcd.rank, dtype=dtype)
         report["sdxl"], nets = sdxl_part(params, tiny, lambda: sdxl_networks(device, dtype), gpus, iterations, device,
                                          costs, deadline)
         _log("sdxl", report["sdxl"])

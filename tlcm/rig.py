@@ -80,7 +80,7 @@ def tiny_networks(params, device: torch.device | str = "cpu", dtype: torch.dtype
 
 
 def sdxl_networks(device: torch.device | str, dtype: torch.dtype) -> Networks:
-    """SDXL's architecture (the configs in :mod:`tlcm.plan`), random weights, built on ``device``: UNet, VAE, both text
+    """SDXL's architecture (the configs in :mod:`tlcm.plan.configs`), random weights, built on ``device``: UNet, VAE, both text
     encoders (with the word-level tokenizer; its ids are valid CLIP ids), MPS's architecture as the scorer, and the
     full-width latent LPIPS as the distance (the `sdxl` preset's)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -88,7 +88,7 @@ def sdxl_networks(device: torch.device | str, dtype: torch.dtype) -> Networks:
 
     from models.latent_lpips import LatentLPIPS
     from models.reward import MPSNet
-    from tlcm import plan as P
+    from tlcm.plan import configs as P
 
     tok = _tokenizer(P.SDXL_TOKENS)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
@@ -156,12 +156,12 @@ class RowCounter:
 
 
 def count_evals(stage: str, params, tiny_params, steps: int = 2, batch_size: int | None = None):
-    """:class:`tlcm.plan.StageEvals` per sample per iteration of ``stage`` as ``params`` configures it (M, p, q, w,
+    """:class:`tlcm.plan.counts.StageEvals` per sample per iteration of ``stage`` as ``params`` configures it (M, p, q, w,
     teacher path, critic updates, ...), counted while its real step runs ``steps`` times on the tiny teacher of
     ``tiny_params``. ``batch_size`` overrides the section's (per-sample counts do not depend on it; a large batch
     makes the MDS path's mean over random segments exact to a few hundredths). The teacher buffer's chunk, made at
     the first step and used for ``buffer_refresh`` steps, is spread over those steps."""
-    from tlcm.plan import StageEvals
+    from tlcm.plan.counts import StageEvals
 
     section = params.section(stage)
     if batch_size is not None:
