@@ -58,7 +58,7 @@ def heldout_mse(pipe, controlnet, params: Params, n: int = 64) -> dict[str, floa
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.controlnet
-    if not p.enabled or params.teacher.source != "train":
+    if not p.enabled or params.teacher.source.pretrained:
         why = "controlnet.enabled is false" if not p.enabled else "a real teacher (use a published ControlNet for it)"
         log.info("controlnet: skipped (%s)", why)
         info = {"trained": False, "reason": why}

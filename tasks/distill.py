@@ -195,7 +195,7 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
     c = Consistency(pipe, p, kind, train_prompts(params, paths), make_distance(p, params, paths))
     opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)
     quick = None
-    if (p.eval_every and D.is_main() and params.teacher.source == "train"
+    if (p.eval_every and D.is_main() and params.teacher.source.trained
             and (paths.evaluator / "model.safetensors").is_file()):
         quick = QuickEval(params, paths, pipe, stage, p.eval_prompts)
     train_step = make_step(c, opt, trainable, stage, params.teacher)
@@ -215,7 +215,7 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
         quick(res.steps_done)
     trained = (res.steps_done - res.resumed_from) * p.batch_size
     teacher_evals = D.mean_over_processes({"n": float(counter.rows("teacher"))})["n"] * world
-    info = {"stage": stage, "kind": kind, "init_from": init_from, "teacher": params.teacher.source,
+    info = {"stage": stage, "kind": kind, "init_from": init_from, "teacher": str(params.teacher.source),
             "params": p.model_dump(mode="json"), "steps": res.steps_done, "train_seconds": res.seconds,
             "world_size": world, "real_images_used": 0}
     metrics = {"steps": res.steps_done, "train_seconds": res.seconds, **D.compute_record(),

@@ -256,7 +256,7 @@ def _write(params: Params, paths: Paths, table: list[dict], meta: dict, header: 
 
 def _meta(params: Params, n_prompts: int, **extra) -> dict:
     return {"preset": params.preset, "n_prompts": n_prompts, "batch_size": params.evaluate.batch_size,
-            "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "teacher": params.teacher.source,
+            "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "teacher": str(params.teacher.source),
             **extra}
 
 
@@ -294,7 +294,7 @@ def run_real(params: Params, paths: Paths) -> dict:
 
 @torch.no_grad()
 def run(params: Params, paths: Paths) -> dict:
-    if params.teacher.source != "train":
+    if params.teacher.source.pretrained:
         return run_real(params, paths)
     p, wp = params.evaluate, params.world
     require(paths)

@@ -59,7 +59,7 @@ def setup_student(params: Params, paths: Paths, stage: str, init_from: str) -> S
     pipe = load_frozen_teacher(params.teacher, paths.teacher)
     pipe.to(D.device())
     load_lora_into(pipe.unet, paths.lora(init_from))
-    return student_of(pipe, make_distance(section, params, paths), train_prompts(params, paths), params.teacher.source)
+    return student_of(pipe, make_distance(section, params, paths), train_prompts(params, paths), str(params.teacher.source))
 
 
 def student_of(pipe, distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prompts: list[str],

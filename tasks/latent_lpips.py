@@ -45,14 +45,14 @@ def load_vae(params: Params, paths: Paths) -> AutoencoderKL:
     """The teacher's VAE, frozen: the shapes-world ``autoencoder`` stage's output, or ``<source>/vae``."""
     src = params.teacher.source
     try:
-        if src == "train":
+        if src.trained:
             if not (paths.autoencoder / "config.json").is_file():
                 raise ArtifactError(f"autoencoder not found in {paths.autoencoder}; run `tlcm stage autoencoder` first")
             vae = AutoencoderKL.from_pretrained(paths.autoencoder, use_safetensors=True)
         else:
-            vae = AutoencoderKL.from_pretrained(src, subfolder="vae")
+            vae = AutoencoderKL.from_pretrained(src.location, subfolder="vae")
     except (OSError, ValueError) as e:
-        where = paths.autoencoder if src == "train" else f"{src} (subfolder vae)"
+        where = paths.autoencoder if src.trained else f"{src.location} (subfolder vae)"
         raise ArtifactError(f"cannot load the teacher's VAE from {where}: {e}") from e
     return vae.eval().requires_grad_(False)
 
@@ -178,7 +178,7 @@ def run(params: Params, paths: Paths) -> dict:
     }
     config = {**net.config(), "taps": ["relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3"],
               "pools_removed": 3, "latent_scaling": "latent_dist.mean * vae.config.scaling_factor",
-              "teacher_source": params.teacher.source, "paper": "arXiv 2406.05768 §4.3"}
+              "teacher_source": str(params.teacher.source), "paper": "arXiv 2406.05768 §4.3"}
     if D.is_main():
         with atomic_dir(output_dir(paths)) as out:
             save_tensors(out / MODEL_FILE, net.state_dict())

@@ -63,7 +63,7 @@ def model_card(params: Params, paths: Paths, bench: dict, artifact_sha: str | No
 
     data = params.model_dump(mode="json")
     teacher = params.teacher.source
-    teacher_desc = (f"`{teacher}` (the shapes-world SDXL-shaped teacher trained by this pipeline)" if teacher == "train"
+    teacher_desc = (f"`{teacher}` (the shapes-world SDXL-shaped teacher trained by this pipeline)" if teacher.trained
                     else f"`{teacher}`")
     rows = bench.get("rows", [])
     cols = ["method", "steps", "alignment", "frechet", "sec_per_image", "unet_evals"]
@@ -114,7 +114,7 @@ def use_section(params: Params, paths: Paths) -> list[str]:
     (the tests execute it)."""
     name, n = params.register.model_name, serve_steps(params)
     uri, prompt = store.redact(store.tracking_uri()), example_prompt(params, paths)
-    bundled = params.teacher.source == "train"
+    bundled = params.teacher.source.trained
     return [
         "## Use",
         "",
@@ -141,7 +141,7 @@ def use_section(params: Params, paths: Paths) -> list[str]:
         'sys.path.insert(0, f"{folder}/code")',
         "from models.scheduler import TLCMScheduler",
         ('pipe = StableDiffusionXLPipeline.from_pretrained(f"{folder}/artifacts/base")' if bundled else
-         f'pipe = StableDiffusionXLPipeline.from_pretrained({params.teacher.source!r})'),
+         f'pipe = StableDiffusionXLPipeline.from_pretrained({params.teacher.source.location!r})'),
         'pipe.load_lora_weights(f"{folder}/artifacts/lora")',
         'pipe.scheduler = TLCMScheduler.from_pretrained(f"{folder}/artifacts/scheduler")',
         f"image = pipe({prompt!r}, num_inference_steps={n}, guidance_scale=1.0).images[0]",
@@ -168,7 +168,7 @@ def run(params: Params, paths: Paths) -> dict:
     sha = tree_sha256(artifact)
     card = model_card(params, paths, bench, sha)
     tags = {"tlcm.preset": params.preset, "tlcm.git_commit": git_commit(), "tlcm.artifact_sha256": sha or "",
-            "tlcm.teacher": params.teacher.source}
+            "tlcm.teacher": str(params.teacher.source)}
     lock = file_sha256(Path("dvc.lock"))
     if lock:
         tags["tlcm.dvc_lock_sha256"] = lock

@@ -223,9 +223,9 @@ def evaluate(net: ShapesReward, tok, pairs: Pairs, batch: int = 256) -> dict:
 
 def run(params: Params, paths: Paths) -> dict:
     p, wp = params.reward, params.world
-    if p.source != "train":  # a real MPS checkpoint: check it (cheaply), train nothing
-        found = check_mps_source(p.source, p.trust_pickled)
-        metrics = {"source": p.source, "found": found, "margin_auto": None}
+    if p.source.pretrained:  # a real MPS checkpoint: check it (cheaply), train nothing
+        found = check_mps_source(p.source.location, p.trust_pickled)
+        metrics = {"source": p.source.location, "found": found, "margin_auto": None}
         with atomic_dir(paths.reward) as out:  # the DVC out: a record of which checkpoint the stages use
             (out / "source.json").write_text(json.dumps(metrics, indent=2))
         atomic_write_json(paths.metrics / "reward.json", metrics)

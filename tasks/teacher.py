@@ -76,9 +76,9 @@ def min_snr_weight(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) 
 
 def run(params: Params, paths: Paths) -> dict:
     p, wp = params.teacher, params.world
-    if p.source != "train":
-        pipe = load_teacher(p.source)
-        info = {"source": p.source, "class": type(pipe).__name__,
+    if p.source.pretrained:
+        pipe = load_teacher(p.source.location)
+        info = {"source": p.source.location, "class": type(pipe).__name__,
                 "unet_params_millions": sum(x.numel() for x in pipe.unet.parameters()) / 1e6}
         if D.is_main():
             atomic_write_json(paths.metrics / "teacher.json", info)

@@ -9,6 +9,7 @@ from servers import fake_outputs
 
 from tlcm.hub import hub_revision
 from tlcm.packaging import base_reference, lora_folder, save_pyfunc
+from tlcm.params import Source
 from tlcm.paths import Paths
 
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -33,7 +34,7 @@ def test_version_of_a_local_base_folder_refers_to_it_by_path(tmp_path, smoke_par
     paths = Paths(tmp_path / "art")
     fake_outputs(paths)
     params = smoke_params.model_copy(update={"teacher": smoke_params.teacher.model_copy(
-        update={"source": str(paths.teacher), "dtype": "bfloat16"})})
+        update={"source": Source(location=str(paths.teacher)), "dtype": "bfloat16"})})
     out = tmp_path / "model"
     config = save_pyfunc(params, paths, paths.lora("dmgan"), out, steps=3)
     assert config["kind"] == "path" and config["base_model"] == str(paths.teacher.resolve())

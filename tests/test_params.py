@@ -101,3 +101,26 @@ def test_preset_is_a_name_not_a_path(tmp_path):
     rel = os.path.relpath(evil.with_suffix(""), PRESETS_DIR)
     with pytest.raises(ParamsError, match="not a preset name"):
         load_params(REPO / "params.yaml", rel)
+
+
+@pytest.mark.math
+def test_source_is_a_typed_choice_written_as_one_string(tmp_path):
+    """`teacher.source` / `reward.source`: `train` (this pipeline trains it) or a location; records read as the YAML."""
+    from tlcm.params import Source
+
+    p = load_params(REPO / "params.yaml")
+    assert p.teacher.source.trained and not p.teacher.source.pretrained and p.teacher.source.location is None
+    assert p.teacher.source.resolve(Path("artifacts/teacher")) == "artifacts/teacher"
+    assert p.model_dump(mode="json")["teacher"]["source"] == "train" == str(p.reward.source)
+    sdxl = load_params(REPO / "params.yaml", "sdxl")
+    hub = "stabilityai/stable-diffusion-xl-base-1.0"
+    assert sdxl.teacher.source == Source(location=hub) and sdxl.teacher.source.pretrained
+    assert sdxl.teacher.source.resolve(Path("artifacts/teacher")) == hub
+    assert sdxl.reward.source.location == "data/mps_overall"
+    assert sdxl.model_dump(mode="json")["teacher"]["source"] == hub  # stage identities and MLflow params unchanged
+    f = tmp_path / "params.yaml"
+    for bad in ("3", "true", "''", "[train]"):
+        f.write_text(f"preset: mini\nteacher: {{source: {bad}}}\nreward: {{source: train}}\n")
+        with pytest.raises(ParamsError) as e:
+            load_params(f)
+        assert "'teacher.source'" in str(e.value) and "must be `train`" in str(e.value)

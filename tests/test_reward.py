@@ -16,7 +16,7 @@ from models.reward import (CONDITIONS, DEGRADATIONS, MPSNet, RewardScorer, Shape
 from tasks import reward as R
 from tlcm import render as RD
 from tlcm import world as W
-from tlcm.params import load_params
+from tlcm.params import Source, load_params
 from tlcm.paths import Paths
 from tlcm.reward_io import UnsafePickleWarning, convert_mps, load_mps, load_reward, load_tokenizer
 from tlcm.storage import ArtifactError
@@ -237,12 +237,12 @@ def test_pickled_mps_is_refused_without_trust(released, tmp_path, params):
     with pytest.raises(ArtifactError, match="trust_pickled.*convert-mps|convert-mps.*trust_pickled"):
         load_mps(pth)
     with pytest.raises(ArtifactError, match="refusing to unpickle"):
-        load_reward(with_reward(params, source=str(pth)), Paths(tmp_path))
+        load_reward(with_reward(params, source=Source(location=str(pth))), Paths(tmp_path))
     with pytest.raises(ArtifactError, match="refusing to unpickle"):
         convert_mps(pth, tmp_path / "converted", trust_pickled=False)
     assert not (tmp_path / "converted").exists()
     with pytest.raises(ArtifactError, match="refusing to unpickle"):  # the stage checks the same way
-        R.run(with_reward(params, source=str(pth)), Paths(tmp_path))
+        R.run(with_reward(params, source=Source(location=str(pth))), Paths(tmp_path))
 
 
 @pytest.mark.math
@@ -268,10 +268,10 @@ def test_converted_mps_loads_without_unpickling_and_gives_identical_scores(relea
     pth.unlink()  # the converted folder stands alone
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnsafePickleWarning)
-        converted = load_reward(with_reward(params, source=str(out)), Paths(tmp_path))
+        converted = load_reward(with_reward(params, source=Source(location=str(out))), Paths(tmp_path))
         also = load_mps(out / "model.safetensors")
     assert isinstance(converted, MPSNet) and isinstance(converted, RewardScorer)
-    stage = R.run(with_reward(params, source=str(out)), Paths(tmp_path / "artifacts"))  # checks, trains nothing
+    stage = R.run(with_reward(params, source=Source(location=str(out))), Paths(tmp_path / "artifacts"))  # checks, trains nothing
     assert stage["margin_auto"] is None and stage["found"].startswith("converted MPS")
     images, prompts = images_and_prompts()
     with torch.no_grad():
@@ -292,7 +292,7 @@ def test_mps_score_is_differentiable_in_the_images(released, tokenizer_dir):
 @pytest.mark.math
 def test_missing_mps_checkpoint_is_a_clear_error(tmp_path, params):
     with pytest.raises(ArtifactError, match="MPS checkpoint not found.*convert-mps"):
-        load_reward(with_reward(params, source=str(tmp_path / "no_such_folder")), Paths(tmp_path))
+        load_reward(with_reward(params, source=Source(location=str(tmp_path / "no_such_folder"))), Paths(tmp_path))
     with pytest.raises(ArtifactError, match="MPS checkpoint not found"):
         load_mps(tmp_path / "missing.pth", trust_pickled=True)
 

@@ -28,13 +28,14 @@ def sd15_folder(smoke_artifacts, tmp_path_factory):
 def sd15_distilled(sd15_folder, smoke_artifacts, smoke_params, tmp_path_factory):
     """mlcd then ilcd (smoke preset, latent MSE) against the SD1.5 folder, in a fresh artifacts root."""
     from tasks.registry import run_stage
+    from tlcm.params import Source
     from tlcm.paths import Paths
 
     root = tmp_path_factory.mktemp("sd15_artifacts")
     (root / "world").symlink_to(smoke_artifacts.world)
     paths = Paths(root)
     upd = {k: smoke_params.section(k).model_copy(update={"loss": "mse"}) for k in ("mlcd", "ilcd")}
-    upd["teacher"] = smoke_params.teacher.model_copy(update={"source": str(sd15_folder)})
+    upd["teacher"] = smoke_params.teacher.model_copy(update={"source": Source(location=str(sd15_folder))})
     params = smoke_params.model_copy(update=upd)
     run_stage("teacher", params, paths)  # a given teacher: checks that it loads and records what it is
     for stage in ("mlcd", "ilcd"):

@@ -23,7 +23,7 @@ from conftest import REPO, run_cli
 from models.clip_image import ImageTransform
 from models.scorers import (IMAGEREWARD_MEAN, IMAGEREWARD_STD, AestheticMLP, clip_score, imagereward_state_dicts,
                             uint8_to_unit)
-from tlcm.params import load_params
+from tlcm.params import Source, load_params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError
 
@@ -558,7 +558,7 @@ def test_preflight_names_every_missing_asset(tmp_path, params, monkeypatch):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     p = params.model_copy(update={
-        "teacher": params.teacher.model_copy(update={"source": "someone/sdxl"}),
+        "teacher": params.teacher.model_copy(update={"source": Source(location="someone/sdxl")}),
         "bapps": params.bapps.model_copy(update={"source": str(tmp_path / "bapps")}),
         "prompts": params.prompts.model_copy(update={"source": str(tmp_path / "laion.parquet")}),
         "suite": params.suite.model_copy(update={"clip_model": "laion/CLIP-ViT-g-14-laion2B-s12B-b42K",

@@ -58,7 +58,7 @@ def signature(defaults: dict):
 
 def example_prompt(params: Params, paths: Paths) -> str:
     """A held-out prompt of the shapes world (or the example above for a real teacher)."""
-    if params.teacher.source == "train" and paths.prompts("eval").is_file():
+    if params.teacher.source.trained and paths.prompts("eval").is_file():
         return json.loads(paths.prompts("eval").read_text().splitlines()[0])["caption"]
     return EXAMPLE_PROMPT
 
@@ -79,7 +79,7 @@ def save_pyfunc(params: Params, paths: Paths, lora: Path, out: Path, steps: int)
     TLCMScheduler.from_config(EulerDiscreteScheduler.load_config(base, subfolder="scheduler")).save_pretrained(
         parts / "scheduler")
     shutil.copytree(lora, parts / "lora")
-    if params.teacher.source == "train":
+    if params.teacher.source.trained:
         ref = {"kind": "bundle", "base_model": None}
         shutil.copytree(base, parts / "base")
     else:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS_DIR = ROOT / "configs" / "presets"
@@ -42,6 +43,47 @@ class Section(BaseModel):
         if isinstance(data, dict):
             return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return data
+
+
+TRAIN = "train"  # the YAML word for "this pipeline's own stage trains it"
+
+
+class Source(BaseModel):
+    """Where a network a stage uses comes from, written in YAML as one string: ``train`` (this pipeline's
+    own stage trains it in the shapes world) or the location of a pretrained one (a local folder or file, or
+    a hub id). Serialises back to that string, so records and stage identities read as the YAML does."""
+    model_config = ConfigDict(frozen=True, strict=True)
+    location: str | None = Field(None, description="folder / file / hub id of a pretrained network; None = trained here")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_yaml(cls, data: Any) -> Any:
+        if isinstance(data, (Source, dict)):  # Source(location=...) in Python
+            return data
+        if not isinstance(data, str) or not data.strip():
+            raise ValueError(f"must be `{TRAIN}` (trained by this pipeline) or a folder, file or hub id")
+        return {"location": None if data == TRAIN else data}
+
+    @model_serializer
+    def _to_yaml(self) -> str:
+        return TRAIN if self.location is None else self.location
+
+    @property
+    def trained(self) -> bool:
+        """Built by this pipeline's own stage (the shapes world)."""
+        return self.location is None
+
+    @property
+    def pretrained(self) -> bool:
+        """Loaded from :attr:`location` (a real model: SDXL, SD1.5, MPS)."""
+        return self.location is not None
+
+    def resolve(self, trained_at: Path) -> str:
+        """The location to load from: ``trained_at`` (the stage's output folder) when trained here."""
+        return str(trained_at) if self.location is None else self.location
+
+    def __str__(self) -> str:
+        return self._to_yaml()
 
 
 def _each_in(values: tuple[int, ...], lo: int, hi: int, what: str) -> tuple[int, ...]:
@@ -100,7 +142,8 @@ class UNetParams(Section):
 
 
 class TeacherParams(Section):
-    source: str = Field("train", description="'train' builds the shapes-world teacher; else a hub id or local path")
+    source: Source = Field(Source(), description="`train` builds the shapes-world teacher; else a hub id or local "
+                                                  "folder of an SDXL/SD1.5 pipeline")
     seed: int = 2
     text: TextParams = TextParams()
     unet: UNetParams = UNetParams()
@@ -234,7 +277,7 @@ class ConsistencyParams(Section):
 
 class RewardParams(Section):
     """The reward model with the MPS interface: trained in the shapes world, or a real MPS checkpoint."""
-    source: str = Field("train", description="'train' = the shapes-world reward model; else a local MPS checkpoint "
+    source: Source = Field(Source(), description="`train` = the shapes-world reward model; else a local MPS checkpoint "
                                              "(.safetensors from `tlcm convert-mps`, or the released .pth with trust_pickled)")
     trust_pickled: bool = Field(False, description="allow torch.load(weights_only=False) of a pickled MPS module")
     seed: int = 8

@@ -86,8 +86,8 @@ def _suite_problems(params: Params) -> list[str]:
 def check_assets(params: Params) -> list[str]:
     """Every external asset ``params`` names that is not available locally, one message each (empty = all there)."""
     problems = []
-    if params.teacher.source != "train":
-        problems.append(_teacher_problem(params.teacher.source))
+    if params.teacher.source.pretrained:
+        problems.append(_teacher_problem(params.teacher.source.location))
     if params.bapps.source != "synthetic":
         problems.append(_bapps_problem(params.bapps.source))
     if params.prompts.source != "world":
@@ -95,8 +95,9 @@ def check_assets(params: Params) -> list[str]:
         if not p.is_file():
             problems.append(f"prompt file (prompts.source): '{p}' not found; a .txt (one caption per line), .jsonl or "
                             f".parquet of captions (field/column prompts.caption_key = '{params.prompts.caption_key}')")
-    if params.mps.enabled and params.reward.source != "train" and not Path(params.reward.source).expanduser().is_file():
-        problems.append(f"MPS reward checkpoint (reward.source): '{params.reward.source}' not found")
+    reward = params.reward.source
+    if params.mps.enabled and reward.pretrained and not Path(reward.location).expanduser().is_file():
+        problems.append(f"MPS reward checkpoint (reward.source): '{reward.location}' not found")
     problems += _suite_problems(params)
     return [p for p in problems if p]
 

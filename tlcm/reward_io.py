@@ -247,8 +247,8 @@ def load_reward(params: Any, paths: Any) -> RewardScorer:
     """The reward model named by ``params.reward.source``, frozen, in eval mode: the shapes-world
     model from ``paths.reward`` ('train'), or a real MPS checkpoint."""
     p = params.reward
-    if p.source == "train":
+    if p.source.trained:
         if not (paths.reward / "model.safetensors").is_file():
             raise ArtifactError(f"reward model not found in {paths.reward}; {TRAIN_HINT}")
         return load_shapes_reward(paths.reward)
-    return load_mps(p.source, trust_pickled=p.trust_pickled)
+    return load_mps(p.source.location, trust_pickled=p.trust_pickled)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from tlcm.params import Source
 from tlcm.storage import ArtifactError
 
 log = logging.getLogger("tlcm")
@@ -28,9 +29,10 @@ def _corrupt_files(folder: Path) -> list[Path]:
     return bad
 
 
-def resolve_teacher(source: str, artifacts_teacher: Path) -> str:
-    """'train' means the shapes-world teacher this project builds; anything else is used as given."""
-    return str(artifacts_teacher) if source == "train" else source
+def resolve_teacher(source: Source, artifacts_teacher: Path) -> str:
+    """Where to load ``teacher.source`` from: the shapes-world teacher this project builds (``artifacts_teacher``)
+    when trained here, else the folder or hub id given."""
+    return source.resolve(artifacts_teacher)
 
 
 def load_teacher(source: str, dtype: torch.dtype = torch.float32):
