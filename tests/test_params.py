@@ -15,6 +15,20 @@ def test_default_file_is_mini_and_valid():
 
 
 @pytest.mark.math
+def test_code_defaults_are_the_mini_values_of_params_yaml():
+    """One set of defaults: a key left out of a params file means what params.yaml says (before: teacher.steps
+    6000 in code vs 3500 in params.yaml, and the whole ilcd section differed)."""
+    from tlcm.params import Params
+
+    mini = load_params(REPO / "params.yaml")
+    defaults = Params()
+    differ = [f"{s}.{k}" for s in Params.model_fields if s != "preset" for k in type(getattr(mini, s)).model_fields
+              if getattr(getattr(mini, s), k) != getattr(getattr(defaults, s), k)]
+    assert not differ, f"code defaults differ from params.yaml: {differ}"
+    assert defaults == mini
+
+
+@pytest.mark.math
 def test_smoke_overlay_replaces_only_what_it_names():
     mini, smoke = load_params(REPO / "params.yaml"), load_params(REPO / "params.yaml", "smoke")
     assert smoke.teacher.steps < mini.teacher.steps

@@ -28,14 +28,16 @@ def test_committed_dvc_yaml_is_the_generated_one():
 def test_dvc_deps_have_the_imports_the_old_hand_written_file_missed():
     """Before: deps typed by hand missed tlcm/teacher_io.py for all teacher users, models/caption_head.py
     for `teacher`, models/latent_lpips.py, models/sampling.py, models/scheduler.py for the distillation
-    stages, and tlcm/params.py, tlcm/storage.py everywhere (an edit left `dvc status` up to date)."""
+    stages, and tlcm/params.py (now tlcm/params/), tlcm/storage.py everywhere (an edit left `dvc status` up to
+    date)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert {"models/caption_head.py", "tlcm/teacher_io.py"} <= set(stages["teacher"]["deps"])
     for name in ("lcm_baseline", "mlcd", "ilcd"):
         assert {"tlcm/teacher_io.py", "models/latent_lpips.py", "models/sampling.py", "models/scheduler.py"} \
             <= set(stages[name]["deps"]), name
     for name, st in stages.items():
-        assert {"tlcm/params.py", "tlcm/storage.py", f"tasks/{name}.py"} <= set(st["deps"]), name
+        assert {"tlcm/params/loading.py", "tlcm/params/core.py", "tlcm/storage.py", f"tasks/{name}.py"} \
+            <= set(st["deps"]), name
     assert list(stages) == list(S.NAMES)
 
 
