@@ -8,13 +8,14 @@ One UNet in memory: the teacher is the same UNet with its adapters disabled.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Callable, Literal, TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from models.denoiser import Denoiser, encode_prompts
-from models.lora import FrozenTeacher, add_lora, lora_parameters
+from models.lora import STUDENT, FrozenTeacher, add_lora, lora_parameters
 from models.tlcm import ilcd_terms, milestones, mlcd_pair, mlcd_terms
 from tasks.teacher_buffer import BufferRule, TeacherBuffer
 from tlcm import distributed as D
@@ -23,7 +24,7 @@ from tlcm.lora_io import AdapterState, load_lora_into, save_lora
 from tlcm.paths import Paths
 from tlcm.storage import atomic_write_json
 from tlcm.teacher_io import autocast, float32_, load_frozen_teacher
-from tlcm.training import ensure_finite, run_loop, step_generator
+from tlcm.training import ensure_finite, optimizer_step, run_loop, step_generator
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
     from tlcm.params import ConsistencyParams, Params
@@ -90,87 +91,124 @@ def train_prompts(params: Params, paths: Paths) -> list[str]:
     return read_prompts(params, paths)
 
 
+@dataclass
+class Student:
+    """The loaded pipeline and the views of its one UNet that the losses call: the student (adapter ``student``), the
+    frozen teacher (every adapter off), the distance d(·,·), the prompts, the milestones and the latent shape."""
+    pipe: object
+    unet: object
+    student: Denoiser
+    teacher: FrozenTeacher
+    distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    prompts: list[str]
+    ms: list[int]
+    shape: tuple[int, int, int]
+    source: str  # params.teacher.source: what the LoRA is for
+
+    @property
+    def trainable(self) -> list:
+        return lora_parameters(self.unet, STUDENT)
+
+
+def student_of(pipe, distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prompts: list[str], source: str,
+               segments: int) -> Student:
+    """The one student set-up of every LoRA stage: the ``student`` LoRA already on ``pipe.unet`` (fresh or loaded)
+    made active, moved to the process's device, float32, trainable and equal on every process; and the views of
+    the UNet that the losses call (milestones of ``segments`` segments)."""
+    unet = pipe.unet
+    unet.set_adapter(STUDENT)
+    unet.to(D.device())
+    trainable = lora_parameters(unet, STUDENT)
+    float32_(trainable)
+    for q in trainable:
+        q.requires_grad_(True)
+    D.broadcast_from_main(trainable)
+    ac = pipe.scheduler.alphas_cumprod.to(D.device())
+    cfg = unet.config
+    return Student(pipe, unet, Denoiser(unet, ac), FrozenTeacher(Denoiser(unet, ac)), distance, prompts,
+                   milestones(segments), (cfg.in_channels, cfg.sample_size, cfg.sample_size), source)
+
+
+def autocast_steps(teacher_params, step: Callable[[int], dict[str, float]]) -> Callable[[int], dict[str, float]]:
+    """The training step under the teacher's mixed precision (a no-op for float32 weights)."""
+    def run(i: int) -> dict[str, float]:
+        with autocast(teacher_params, D.device()):
+            return step(i)
+    return run
+
+
 class Consistency:
-    """One step's loss terms of a consistency stage on a loaded pipeline whose UNet carries the student LoRA.
+    """One step's loss terms of a consistency stage on the :class:`Student`.
 
     ``kind`` "mlcd" (also `lcm_baseline`): Alg. 1 pairs, by the multistep denoising strategy from fresh noise
     (``teacher_path: mds``) or from the teacher-trajectory buffer (``buffer``); "ilcd": Alg. 2. Every random draw
     is made for the GLOBAL batch from the step's generator; this process computes its shard."""
 
-    def __init__(self, pipe, p: ConsistencyParams, kind: Kind, prompts: list[str],
-                 distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        self.pipe, self.p, self.kind, self.prompts, self.distance = pipe, p, kind, prompts, distance
-        unet = pipe.unet
-        ac = pipe.scheduler.alphas_cumprod.to(D.device())
-        self.student, self.teacher = Denoiser(unet, ac), FrozenTeacher(Denoiser(unet, ac))
-        self.ms = milestones(p.num_segments)
-        side, ch = unet.config.sample_size, unet.config.in_channels
-        self.shape = (ch, side, side)
-        self.buffer = (TeacherBuffer(p, pipe, self.teacher, prompts, self.ms, self.shape)
+    def __init__(self, s: Student, p: ConsistencyParams, kind: Kind):
+        self.s, self.p, self.kind = s, p, kind
+        self.student, self.teacher, self.ms, self.shape = s.student, s.teacher, s.ms, s.shape
+        self.buffer = (TeacherBuffer(p, s.pipe, s.teacher, s.prompts, s.ms, s.shape)
                        if kind == "mlcd" and p.teacher_path == "buffer" else None)
 
     def terms(self, step: int) -> dict[str, torch.Tensor]:
-        p, dev = self.p, D.device()
+        p, dev, distance = self.p, D.device(), self.s.distance
         if self.buffer is not None:
             b = self.buffer.pairs(step)
             with torch.no_grad():
-                cond = encode_prompts(self.pipe, b.prompts)
-            return mlcd_terms(self.student, b.z_tm, b.z_tn, b.t_m, b.t_n, b.t_s, cond, self.distance)
+                cond = encode_prompts(self.s.pipe, b.prompts)
+            return mlcd_terms(self.student, b.z_tm, b.z_tn, b.t_m, b.t_n, b.t_s, cond, distance)
         # the GLOBAL batch, drawn identically on every process, then this process's shard
         gen = step_generator(p.seed, step)
-        B, ms = p.batch_size, self.ms
-        idx = torch.randint(len(self.prompts), (B,), generator=gen)
+        B, ms, prompts = p.batch_size, self.ms, self.s.prompts
+        idx = torch.randint(len(prompts), (B,), generator=gen)
         eps = torch.randn((B, *self.shape), generator=gen)
         with torch.no_grad():
-            cond = encode_prompts(self.pipe, [self.prompts[i] for i in D.shard(idx)])
+            cond = encode_prompts(self.s.pipe, [prompts[i] for i in D.shard(idx)])
         if self.kind == "mlcd":
             seg = torch.randint(p.num_segments, (B,), generator=gen)
             lo, hi = torch.tensor(ms)[seg], torch.tensor(ms)[seg + 1]
             t_m = lo + 1 + (torch.rand(B, generator=gen) * (hi - lo)).long().clamp(max=(hi - lo - 1))
             eps, t_m = D.shard(eps).to(dev), D.shard(t_m).to(dev)
             z_tm, z_tn, t_n, t_s = mlcd_pair(self.teacher, eps, t_m, p.skip, cond, p.guidance_scale, ms)
-            return mlcd_terms(self.student, z_tm, z_tn, t_m, t_n, t_s, cond, self.distance)
+            return mlcd_terms(self.student, z_tm, z_tn, t_m, t_n, t_s, cond, distance)
         t_m = torch.tensor(ms)[torch.randint(1, p.num_segments + 1, (B,), generator=gen)]
         noise = torch.randn(eps.shape, generator=gen)
         eps, noise, t_m = D.shard(eps).to(dev), D.shard(noise).to(dev), D.shard(t_m).to(dev)
         return ilcd_terms(self.student, self.teacher, eps, noise, t_m, p.student_steps_q, p.teacher_steps_p, cond,
-                          p.guidance_scale, ms, self.distance)
+                          p.guidance_scale, ms, distance)
 
 
-def make_step(c: Consistency, opt: torch.optim.Optimizer, trainable: list, stage: str,
-              teacher_params) -> Callable[[int], dict[str, float]]:
-    """The training step: the loss terms (under the teacher's mixed precision), the NaN guard, backward, the
-    processes' mean gradient, clipping, AdamW."""
+def make_step(c: Consistency, opt: torch.optim.Optimizer, stage: str, teacher_params) -> Callable[[int], dict[str, float]]:
+    """The training step (under the teacher's mixed precision): the loss terms, the NaN guard, one optimiser step
+    of the student LoRA (its consistency term is a mean over the local shard: the processes' mean gradient is the
+    global batch's; norm clipped to 1)."""
     def step(i: int) -> dict[str, float]:
-        with autocast(teacher_params, D.device()):
-            terms = c.terms(i)
+        terms = c.terms(i)
         ensure_finite(terms, stage, i)
-        loss = terms["consistency"]  # a mean over the local shard: the mean of the shards' gradients is the global one
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        D.average_gradients(trainable)
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
+        optimizer_step(opt, terms["consistency"], c.s.trainable, 1.0)
         return {k: v.item() for k, v in terms.items()}
-    return step
+    return autocast_steps(teacher_params, step)
 
 
-def student_lora(pipe, p: ConsistencyParams, init_from_dir=None) -> list:
-    """The student LoRA on ``pipe.unet`` (fresh from ``p.seed``, or loaded), float32, trainable, equal on every
-    process; returns its parameters."""
-    unet = pipe.unet
-    if init_from_dir is None:
-        torch.manual_seed(p.seed)
-        add_lora(unet, p.rank)
+def fresh_student(pipe, rank: int, seed: int) -> None:
+    """A new ``student`` LoRA of ``rank`` on ``pipe.unet``, its random A drawn from ``seed`` (B starts at zero)."""
+    torch.manual_seed(seed)
+    add_lora(pipe.unet, rank)
+
+
+def setup_student(params: Params, paths: Paths, stage: str, init_from: str | None, segments: int) -> Student:
+    """The student of ``stage`` on the frozen teacher: a fresh LoRA (``init_from`` None: the section's ``rank`` and
+    ``seed``) or the LoRA of stage ``init_from`` continued; the section's ``loss`` picks d(·,·)."""
+    section = params.section(stage)
+    D.check_batch(section.batch_size, f"{stage}.batch_size")
+    pipe = load_frozen_teacher(params.teacher, paths.teacher)
+    pipe.to(D.device())
+    if init_from is None:
+        fresh_student(pipe, section.rank, section.seed)
     else:
-        load_lora_into(unet, init_from_dir)
-    unet.to(D.device())
-    trainable = lora_parameters(unet)
-    float32_(trainable)
-    for q in trainable:
-        q.requires_grad_(True)
-    D.broadcast_from_main(trainable)
-    return trainable
+        load_lora_into(pipe.unet, paths.lora(init_from))
+    return student_of(pipe, make_distance(section, params, paths), train_prompts(params, paths), str(params.teacher.source),
+                      segments)
 
 
 def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str | None) -> dict:
@@ -188,17 +226,15 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
         raise ParamsError(f"'{stage}.teacher_path' = {p.teacher_path}: iLCD's inputs come from the student (Alg. 2), "
                           "so there is no teacher buffer to use; set it to mds")
     world = D.world_size()
-    D.check_batch(p.batch_size, f"{stage}.batch_size", world)
-    pipe = load_frozen_teacher(params.teacher, paths.teacher)
-    pipe.to(D.device())
-    trainable = student_lora(pipe, p, None if init_from is None else paths.lora(init_from))
-    c = Consistency(pipe, p, kind, train_prompts(params, paths), make_distance(p, params, paths))
-    opt = torch.optim.AdamW(trainable, lr=p.lr, weight_decay=0.0)
+    s = setup_student(params, paths, stage, init_from, p.num_segments)
+    pipe = s.pipe
+    c = Consistency(s, p, kind)
+    opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
     quick = None
     if (p.eval_every and D.is_main() and params.teacher.source.trained
             and (paths.evaluator / "model.safetensors").is_file()):
         quick = QuickEval(params, paths, pipe, stage, p.eval_prompts)
-    train_step = make_step(c, opt, trainable, stage, params.teacher)
+    train_step = make_step(c, opt, stage, params.teacher)
 
     def step_fn(step: int) -> dict[str, float]:
         if quick is not None and step % p.eval_every == 0:

@@ -27,13 +27,13 @@ from models.diffusion import q_sample
 from models.dmd import dmd_gradient, dmd_loss, fake_score_loss
 from models.lora import STUDENT, adapter_active, adapters_disabled, add_lora, lora_parameters
 from models.tlcm import f_theta_x0, ilcd_target
-from tasks.finetune import (Student, autocast_steps, draw_randint, draw_randn, eq9_batch, passthrough, save_student,
-                            setup_student, step_backward)
+from tasks.distill import Student, autocast_steps, setup_student
+from tasks.finetune import M_SEGMENTS, draw_randint, draw_randn, eq9_batch, passthrough, save_student
 from tlcm import distributed as D
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
 from tlcm.teacher_io import float32_
-from tlcm.training import ensure_finite, run_loop, step_generator
+from tlcm.training import ensure_finite, optimizer_step, run_loop, step_generator
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
     from tlcm.params import DmganParams, Params
@@ -93,9 +93,7 @@ class Critics:
             with adapter_active(self.unet, FAKE):  # forward and backward while the adapter is live
                 loss = fake_score_loss(self.fake.eps(q_sample(z0_fake, noise, tau, ac), tau, c), noise)
                 ensure_finite({"fake_score": loss}, "dmgan", -1)
-                self.opt_fake.zero_grad(set_to_none=True)
-                step_backward(loss, self.fake_params)
-            self.opt_fake.step()
+                optimizer_step(self.opt_fake, loss, self.fake_params, None)
             out["fake_score_loss"] = loss.item()
         if p.gan_weight > 0:
             t_ = draw_randint(gen, 0, p.gan_t_max, n)
@@ -105,9 +103,7 @@ class Critics:
                 lr_, lf_ = self.logits(zr, t_, c), self.logits(zf, t_, c)
                 loss = gan.d_loss(lr_, lf_, p.gan_loss)
                 ensure_finite({"disc": loss}, "dmgan", -1)
-                self.opt_d.zero_grad(set_to_none=True)
-                step_backward(loss, self.d_params)
-            self.opt_d.step()
+                optimizer_step(self.opt_d, loss, self.d_params, None)
             # accuracy over the global batch (equal shards: the mean of the processes' accuracies)
             acc = D.mean_over_processes(dict(zip(("r", "f"), gan.accuracy(lr_.detach(), lf_.detach()))))
             acc_r, acc_f = acc["r"], acc["f"]
@@ -173,10 +169,7 @@ def make_step(s: Student, critics: Critics, opt: torch.optim.Optimizer, p: Dmgan
         loss = sum(weights[k] * v for k, v in terms.items() if k in weights)
         if gan_grad is not None:
             loss = loss + (x0 * gan_grad.detach()).sum()
-        opt.zero_grad(set_to_none=True)
-        step_backward(loss, s.trainable)
-        torch.nn.utils.clip_grad_norm_(s.trainable, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, s.trainable, 1.0)
         z0_real, z0_fake, cond = b.z0, x0.detach(), b.cond
         for i in range(p.critic_updates):
             if i > 0:  # fresh samples for every further critic update
@@ -187,7 +180,7 @@ def make_step(s: Student, critics: Critics, opt: torch.optim.Optimizer, p: Dmgan
         watch(step, stats.get("disc_acc_real"), stats.get("disc_acc_fake"))
         return {**{k: v.item() for k, v in terms.items()}, **stats}
 
-    return autocast_steps(teacher_params, D.device(), step_fn)
+    return autocast_steps(teacher_params, step_fn)
 
 
 def text_dim_of(unet) -> int:
@@ -203,7 +196,7 @@ def run(params: Params, paths: Paths) -> dict:
         return passthrough(paths, "dmgan", INIT_FROM)
     from tlcm.identity import checkpointer  # needs pydantic: the rigs import this module without it
 
-    s = setup_student(params, paths, "dmgan", INIT_FROM)
+    s = setup_student(params, paths, "dmgan", INIT_FROM, M_SEGMENTS)
     critics = Critics(s, p, text_dim_of(s.unet))
     opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
     watch = CollapseWatch(p.collapse_window)

@@ -1,5 +1,5 @@
-"""What the technique stages (`mps`, `dmgan`) share: the student set-up on top of an earlier
-stage's LoRA, the Eq. 9 batch, the ablation pass-through, and the save.
+"""What the technique stages (`mps`, `dmgan`) share: the student (:func:`tasks.distill.student_of`) on top of an
+earlier stage's LoRA, the Eq. 9 batch, the ablation pass-through, and the save.
 
 Same conventions as :mod:`tasks.distill`: one UNet in memory (teacher = adapters off), the
 unified ``student`` LoRA continued from ``init_from``, data-free (prompts and noise only), and the
@@ -14,68 +14,22 @@ import logging
 import resource
 import shutil
 from dataclasses import dataclass
-from typing import Callable, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import torch
-from models.denoiser import Cond, Denoiser, encode_prompts
-from models.lora import STUDENT, FrozenTeacher, lora_parameters
-from models.tlcm import ilcd_inputs, milestones
-from tasks.distill import make_distance, train_prompts
+from models.denoiser import Cond, encode_prompts
+from models.tlcm import ilcd_inputs
+from tasks.distill import Student
 from tlcm import distributed as D
-from tlcm.lora_io import load_lora_into, save_lora
+from tlcm.lora_io import save_lora
 from tlcm.paths import Paths
 from tlcm.storage import atomic_dir, atomic_write_json
-from tlcm.teacher_io import autocast, float32_, load_frozen_teacher
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
     from tlcm.params import Params
 
 log = logging.getLogger("tlcm")
-M_SEGMENTS = 8
-
-
-@dataclass
-class Student:
-    """The loaded pipeline and the views of its one UNet that the losses call."""
-    pipe: object
-    unet: object
-    student: Denoiser
-    teacher: FrozenTeacher
-    distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    prompts: list[str]
-    ms: list[int]
-    shape: tuple[int, int, int]
-    source: str  # params.teacher.source: what the LoRA is for
-
-    @property
-    def trainable(self) -> list:
-        return lora_parameters(self.unet, STUDENT)
-
-
-def setup_student(params: Params, paths: Paths, stage: str, init_from: str) -> Student:
-    """The student of ``stage`` (its params section's ``loss`` picks the consistency distance)."""
-    section = params.section(stage)
-    D.check_batch(section.batch_size, f"{stage}.batch_size")
-    pipe = load_frozen_teacher(params.teacher, paths.teacher)
-    pipe.to(D.device())
-    load_lora_into(pipe.unet, paths.lora(init_from))
-    return student_of(pipe, make_distance(section, params, paths), train_prompts(params, paths), str(params.teacher.source))
-
-
-def student_of(pipe, distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], prompts: list[str],
-               source: str) -> Student:
-    """The views of ``pipe.unet`` (on the process's device, carrying the ``student`` LoRA) that the losses call;
-    the LoRA float32, trainable and equal on every process."""
-    unet = pipe.unet
-    unet.set_adapter(STUDENT)
-    float32_(lora_parameters(unet, STUDENT))
-    for q in lora_parameters(unet, STUDENT):
-        q.requires_grad_(True)
-    D.broadcast_from_main(lora_parameters(unet, STUDENT))
-    ac = pipe.scheduler.alphas_cumprod.to(D.device())
-    cfg = unet.config
-    return Student(pipe, unet, Denoiser(unet, ac), FrozenTeacher(Denoiser(unet, ac)), distance, prompts,
-                   milestones(M_SEGMENTS), (cfg.in_channels, cfg.sample_size, cfg.sample_size), source)
+M_SEGMENTS = 8  # the technique stages' milestones (TLCM's M)
 
 
 def draw_randn(gen: torch.Generator, batch_size: int, *shape: int) -> torch.Tensor:
@@ -86,13 +40,6 @@ def draw_randn(gen: torch.Generator, batch_size: int, *shape: int) -> torch.Tens
 def draw_randint(gen: torch.Generator, low: int, high: int, batch_size: int) -> torch.Tensor:
     """Integers in [low, high) for the GLOBAL batch; this process's shard."""
     return D.shard(torch.randint(low, high, (batch_size,), generator=gen)).to(D.device())
-
-
-def step_backward(loss: torch.Tensor, params: list) -> None:
-    """``loss`` is a mean over this process's shard: backward, then the processes' mean gradient
-    (the one-process gradient of the global mean)."""
-    loss.backward()
-    D.average_gradients(params)
 
 
 @dataclass
@@ -154,12 +101,3 @@ def save_student(s: Student, paths: Paths, stage: str, info: dict, metrics: dict
                  metrics.get("steps"), metrics.get("train_seconds", 0.0), world, paths.lora(stage), metrics["peak_rss_mib"])
     D.barrier()
     return metrics
-
-
-
-def autocast_steps(teacher_params, device, step: Callable[[int], dict[str, float]]) -> Callable[[int], dict[str, float]]:
-    """The training step under the teacher's mixed precision (a no-op for float32 weights)."""
-    def run(i: int) -> dict[str, float]:
-        with autocast(teacher_params, device):
-            return step(i)
-    return run

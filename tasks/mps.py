@@ -19,13 +19,13 @@ import torch
 
 from models.preference import irrelevant_prompts, mps_terms
 from models.tlcm import f_theta_x0, ilcd_target
-from tasks.finetune import (Student, autocast_steps, eq9_batch, passthrough, save_student, setup_student,
-                            step_backward)
+from tasks.distill import Student, autocast_steps, setup_student
+from tasks.finetune import M_SEGMENTS, eq9_batch, passthrough, save_student
 from tlcm import distributed as D
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
 from tlcm.teacher_io import decode_latents, frozen_dtype, upcast_vae
-from tlcm.training import ensure_finite, run_loop, step_generator
+from tlcm.training import ensure_finite, optimizer_step, run_loop, step_generator
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
     from tlcm.params import MpsParams, Params
@@ -69,14 +69,11 @@ def make_step(s: Student, scorer, s0: float, p: MpsParams, opt: torch.optim.Opti
         terms = {"consistency": s.distance(x0, target), **mps_terms(s_pos, s_neg, s0)}
         ensure_finite(terms, "mps", step)
         loss = p.consistency_weight * terms["consistency"] + p.mps_weight * (terms["mps_pos"] + terms["mps_neg"])
-        opt.zero_grad(set_to_none=True)
-        step_backward(loss, s.trainable)
-        torch.nn.utils.clip_grad_norm_(s.trainable, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, s.trainable, 1.0)
         return {**{k: v.item() for k, v in terms.items()}, "reward_pos": s_pos.mean().item(),
                 "reward_neg": s_neg.mean().item()}
 
-    return autocast_steps(teacher_params, D.device(), step_fn)
+    return autocast_steps(teacher_params, step_fn)
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -86,7 +83,7 @@ def run(params: Params, paths: Paths) -> dict:
     from tasks.reward import load_reward
     from tlcm.identity import checkpointer  # needs pydantic: the rigs import this module without it
 
-    s = setup_student(params, paths, "mps", INIT_FROM)
+    s = setup_student(params, paths, "mps", INIT_FROM, M_SEGMENTS)
     scorer = load_reward(params, paths).to(D.device(), frozen_dtype(params.teacher))  # frozen: teacher.dtype
     s0 = margin(p, paths)
     opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)

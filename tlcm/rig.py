@@ -108,23 +108,22 @@ def sdxl_networks(device: torch.device | str, dtype: torch.dtype) -> Networks:
 def stage_step(stage: str, params, nets: Networks) -> tuple[Callable[[int], dict[str, float]], Any]:
     """(step function, UNet) of ``stage`` as its ``run`` builds them, on ``nets`` with a fresh student LoRA
     (rank of the stage's section; `mps`/`dmgan` use `ilcd`'s, the LoRA they continue)."""
-    from models.lora import add_lora
     from tasks import dmgan, mps
-    from tasks.distill import Consistency, make_step, student_lora
-    from tasks.finetune import student_of
+    from tasks.distill import Consistency, fresh_student, make_step, student_of
+    from tasks.finetune import M_SEGMENTS
 
     pipe, section = nets.pipe, params.section(stage)
     if params.teacher.gradient_checkpointing:  # as load_frozen_teacher does
         pipe.unet.enable_gradient_checkpointing()
         pipe.vae.enable_gradient_checkpointing()
     if stage in ("lcm_baseline", "mlcd", "ilcd"):
-        trainable = student_lora(pipe, section)
-        c = Consistency(pipe, section, "ilcd" if stage == "ilcd" else "mlcd", nets.prompts, nets.distance)
-        opt = torch.optim.AdamW(trainable, lr=section.lr, weight_decay=0.0)
-        return make_step(c, opt, trainable, stage, params.teacher), pipe.unet
-    torch.manual_seed(section.seed)
-    add_lora(pipe.unet, params.ilcd.rank)
-    s = student_of(pipe, nets.distance, nets.prompts, "rig")
+        fresh_student(pipe, section.rank, section.seed)
+        s = student_of(pipe, nets.distance, nets.prompts, "rig", section.num_segments)
+        c = Consistency(s, section, "ilcd" if stage == "ilcd" else "mlcd")
+        opt = torch.optim.AdamW(s.trainable, lr=section.lr, weight_decay=0.0)
+        return make_step(c, opt, stage, params.teacher), pipe.unet
+    fresh_student(pipe, params.ilcd.rank, section.seed)
+    s = student_of(pipe, nets.distance, nets.prompts, "rig", M_SEGMENTS)
     opt = torch.optim.AdamW(s.trainable, lr=section.lr, weight_decay=0.0)
     if stage == "mps":
         return mps.make_step(s, nets.scorer, 0.0, section, opt, params.teacher), pipe.unet
