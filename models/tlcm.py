@@ -71,6 +71,21 @@ def teacher_ddim_path(teacher: Denoiser, z: torch.Tensor, t_from: torch.Tensor, 
     return z
 
 
+def sample_t_mlcd(ms: list[int], n: int, gen: torch.Generator) -> torch.Tensor:
+    """t_m of ``n`` MLCD pairs (Alg. 1, Eq. 6–7): segment s ~ U{0, …, M−1}, then t_m uniform over the integer
+    timesteps of segment s, ``(t_step^s, t_step^{s+1}]``. Draws s, then one uniform per pair, from ``gen`` (CPU)."""
+    edges = torch.tensor(ms)
+    s = torch.randint(len(ms) - 1, (n,), generator=gen)
+    lo, hi = edges[s], edges[s + 1]
+    return lo + 1 + (torch.rand(n, generator=gen) * (hi - lo)).long().clamp(max=(hi - lo - 1))
+
+
+def sample_t_ilcd(ms: list[int], n: int, gen: torch.Generator) -> torch.Tensor:
+    """t_m of ``n`` iLCD samples (Alg. 2, Eq. 9): a milestone ``t_m ~ U{t_step^1, …, t_step^M}`` (never 0), to which
+    ẑ_0 is forward-diffused. One draw per sample from ``gen`` (CPU)."""
+    return torch.tensor(ms)[torch.randint(1, len(ms), (n,), generator=gen)]
+
+
 def mds_steps(segment: torch.Tensor, M: int) -> torch.Tensor:
     """Multistep denoising strategy (Alg. 1): L = M − s teacher steps to reach t_m in segment s."""
     return M - segment

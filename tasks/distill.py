@@ -1,4 +1,5 @@
-"""The consistency-distillation loop shared by `mlcd`, `ilcd` and `lcm_baseline`.
+"""The consistency-distillation loop shared by `mlcd`, `ilcd` and `lcm_baseline` (each stage module supplies its
+batches: Alg. 1 in `tasks/mlcd.py`, Alg. 2 in `tasks/ilcd.py`), and the student set-up every LoRA stage uses.
 
 Data-free: only prompts (the world's train prompts, or a prompt file for real teachers) and Gaussian noise; every
 latent the student sees comes from the teacher's ODE (MLCD, Alg. 1; with ``teacher_path: buffer`` from the
@@ -8,30 +9,27 @@ One UNet in memory: the teacher is the same UNet with its adapters disabled.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Literal, TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Callable, TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from models.denoiser import Denoiser, encode_prompts
+from models.denoiser import Cond, Denoiser, encode_prompts
 from models.lora import STUDENT, FrozenTeacher, add_lora, lora_parameters
-from models.tlcm import ilcd_terms, milestones, mlcd_pair, mlcd_terms
-from tasks.teacher_buffer import BufferRule, TeacherBuffer
+from models.tlcm import milestones
 from tlcm import distributed as D
 from tlcm.evalcount import UNetCounter
 from tlcm.lora_io import AdapterState, load_lora_into, save_lora
 from tlcm.paths import Paths
 from tlcm.storage import atomic_write_json
 from tlcm.teacher_io import autocast, float32_, load_frozen_teacher
-from tlcm.training import ensure_finite, optimizer_step, run_loop, step_generator
+from tlcm.training import ensure_finite, optimizer_step, run_loop
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
     from tlcm.params import ConsistencyParams, Params
 
 log = logging.getLogger("tlcm")
-
-Kind = Literal["mlcd", "ilcd"]
 
 
 def mse_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -137,55 +135,37 @@ def autocast_steps(teacher_params, step: Callable[[int], dict[str, float]]) -> C
     return run
 
 
-class Consistency:
-    """One step's loss terms of a consistency stage on the :class:`Student`.
-
-    ``kind`` "mlcd" (also `lcm_baseline`): Alg. 1 pairs, by the multistep denoising strategy from fresh noise
-    (``teacher_path: mds``) or from the teacher-trajectory buffer (``buffer``); "ilcd": Alg. 2. Every random draw
-    is made for the GLOBAL batch from the step's generator; this process computes its shard."""
-
-    def __init__(self, s: Student, p: ConsistencyParams, kind: Kind):
-        self.s, self.p, self.kind = s, p, kind
-        self.student, self.teacher, self.ms, self.shape = s.student, s.teacher, s.ms, s.shape
-        self.buffer = (TeacherBuffer(p, s.pipe, s.teacher, s.prompts, s.ms, s.shape)
-                       if kind == "mlcd" and p.teacher_path == "buffer" else None)
-
-    def terms(self, step: int) -> dict[str, torch.Tensor]:
-        p, dev, distance = self.p, D.device(), self.s.distance
-        if self.buffer is not None:
-            b = self.buffer.pairs(step)
-            with torch.no_grad():
-                cond = encode_prompts(self.s.pipe, b.prompts)
-            return mlcd_terms(self.student, b.z_tm, b.z_tn, b.t_m, b.t_n, b.t_s, cond, distance)
-        # the GLOBAL batch, drawn identically on every process, then this process's shard
-        gen = step_generator(p.seed, step)
-        B, ms, prompts = p.batch_size, self.ms, self.s.prompts
-        idx = torch.randint(len(prompts), (B,), generator=gen)
-        eps = torch.randn((B, *self.shape), generator=gen)
-        with torch.no_grad():
-            cond = encode_prompts(self.s.pipe, [prompts[i] for i in D.shard(idx)])
-        if self.kind == "mlcd":
-            seg = torch.randint(p.num_segments, (B,), generator=gen)
-            lo, hi = torch.tensor(ms)[seg], torch.tensor(ms)[seg + 1]
-            t_m = lo + 1 + (torch.rand(B, generator=gen) * (hi - lo)).long().clamp(max=(hi - lo - 1))
-            eps, t_m = D.shard(eps).to(dev), D.shard(t_m).to(dev)
-            z_tm, z_tn, t_n, t_s = mlcd_pair(self.teacher, eps, t_m, p.skip, cond, p.guidance_scale, ms)
-            return mlcd_terms(self.student, z_tm, z_tn, t_m, t_n, t_s, cond, distance)
-        t_m = torch.tensor(ms)[torch.randint(1, p.num_segments + 1, (B,), generator=gen)]
-        noise = torch.randn(eps.shape, generator=gen)
-        eps, noise, t_m = D.shard(eps).to(dev), D.shard(noise).to(dev), D.shard(t_m).to(dev)
-        return ilcd_terms(self.student, self.teacher, eps, noise, t_m, p.student_steps_q, p.teacher_steps_p, cond,
-                          p.guidance_scale, ms, distance)
+@dataclass
+class Batches:
+    """A consistency algorithm on a :class:`Student` (``batches(s, p)`` of `tasks/mlcd.py`, `tasks/ilcd.py`):
+    ``terms(step)``, the loss terms of the step's batch (every random draw made for the GLOBAL batch from the step's
+    generator; this process computes its shard); ``record()``, what the stage's metrics add; ``state``, what its
+    checkpoints keep besides the LoRA and the optimiser."""
+    name: str  # the algorithm, recorded with the LoRA
+    terms: Callable[[int], dict[str, torch.Tensor]]
+    record: Callable[[], dict]
+    state: dict = field(default_factory=dict)
 
 
-def make_step(c: Consistency, opt: torch.optim.Optimizer, stage: str, teacher_params) -> Callable[[int], dict[str, float]]:
+def prompts_and_noise(s: Student, batch_size: int, gen: torch.Generator) -> tuple[Cond, torch.Tensor]:
+    """A data-free batch's first draws, for the GLOBAL batch: prompt indices, then ε (CPU). Returns this process's
+    prompts encoded and the global ε (the caller draws the rest, then shards)."""
+    idx = torch.randint(len(s.prompts), (batch_size,), generator=gen)
+    eps = torch.randn((batch_size, *s.shape), generator=gen)
+    with torch.no_grad():
+        cond = encode_prompts(s.pipe, [s.prompts[i] for i in D.shard(idx)])
+    return cond, eps
+
+
+def make_step(s: Student, batches: Batches, opt: torch.optim.Optimizer, stage: str,
+              teacher_params) -> Callable[[int], dict[str, float]]:
     """The training step (under the teacher's mixed precision): the loss terms, the NaN guard, one optimiser step
     of the student LoRA (its consistency term is a mean over the local shard: the processes' mean gradient is the
     global batch's; norm clipped to 1)."""
     def step(i: int) -> dict[str, float]:
-        terms = c.terms(i)
+        terms = batches.terms(i)
         ensure_finite(terms, stage, i)
-        optimizer_step(opt, terms["consistency"], c.s.trainable, 1.0)
+        optimizer_step(opt, terms["consistency"], s.trainable, 1.0)
         return {k: v.item() for k, v in terms.items()}
     return autocast_steps(teacher_params, step)
 
@@ -211,39 +191,35 @@ def setup_student(params: Params, paths: Paths, stage: str, init_from: str | Non
                       segments)
 
 
-def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str | None) -> dict:
-    """Train the student LoRA for ``stage`` (its params section) and save it to ``paths.lora(stage)``.
+def distill(params: Params, paths: Paths, stage: str, algorithm: Callable[[Student, ConsistencyParams], Batches],
+            init_from: str | None) -> dict:
+    """Train the student LoRA for ``stage`` (its params section) on the batches of ``algorithm`` and save it to
+    ``paths.lora(stage)``.
 
     ``init_from``: the stage whose LoRA to continue (iLCD continues MLCD's); None = a fresh LoRA.
     Under ``accelerate launch`` (:mod:`tlcm.distributed`) each process trains on its shard of the
     global batch, gradients are averaged, and the main process writes the checkpoints and the LoRA.
     """
     from tlcm.identity import checkpointer  # needs pydantic: the rigs import this module without it
-    from tlcm.params import ParamsError
 
     p: ConsistencyParams = params.section(stage)
-    if kind == "ilcd" and p.teacher_path != "mds":
-        raise ParamsError(f"'{stage}.teacher_path' = {p.teacher_path}: iLCD's inputs come from the student (Alg. 2), "
-                          "so there is no teacher buffer to use; set it to mds")
     world = D.world_size()
     s = setup_student(params, paths, stage, init_from, p.num_segments)
     pipe = s.pipe
-    c = Consistency(s, p, kind)
+    batches = algorithm(s, p)
     opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
     quick = None
     if (p.eval_every and D.is_main() and params.teacher.source.trained
             and (paths.evaluator / "model.safetensors").is_file()):
         quick = QuickEval(params, paths, pipe, stage, p.eval_prompts)
-    train_step = make_step(c, opt, stage, params.teacher)
+    train_step = make_step(s, batches, opt, stage, params.teacher)
 
     def step_fn(step: int) -> dict[str, float]:
         if quick is not None and step % p.eval_every == 0:
             quick(step)
         return train_step(step)
 
-    state = {"lora": AdapterState(pipe.unet), "opt": opt}
-    if c.buffer is not None:
-        state["buffer"] = BufferRule(p)
+    state = {"lora": AdapterState(pipe.unet), "opt": opt, **batches.state}
     ckpt = checkpointer(stage, params, paths)
     with UNetCounter(pipe.unet) as counter:
         res = run_loop(stage, p.steps, step_fn, state, ckpt, p.checkpoint_every, max_minutes=p.max_minutes)
@@ -251,16 +227,13 @@ def distill(params: Params, paths: Paths, stage: str, kind: Kind, init_from: str
         quick(res.steps_done)
     trained = (res.steps_done - res.resumed_from) * p.batch_size
     teacher_evals = D.mean_over_processes({"n": float(counter.rows("teacher"))})["n"] * world
-    info = {"stage": stage, "kind": kind, "init_from": init_from, "teacher": str(params.teacher.source),
+    info = {"stage": stage, "kind": batches.name, "init_from": init_from, "teacher": str(params.teacher.source),
             "params": p.model_dump(mode="json"), "steps": res.steps_done, "train_seconds": res.seconds,
             "world_size": world, "real_images_used": 0}
     metrics = {"steps": res.steps_done, "train_seconds": res.seconds, **D.compute_record(),
                "final_consistency": res.history[-1]["consistency"] if res.history else None,
-               "teacher_path": p.teacher_path if kind == "mlcd" else "ilcd",
                "teacher_unet_evals_per_sample": teacher_evals / trained if trained else None,
-               "quick_evals": quick.history if quick is not None else []}
-    if c.buffer is not None:
-        metrics["buffer"] = c.buffer.stats()
+               "quick_evals": quick.history if quick is not None else [], **batches.record()}
     if D.is_main():
         save_lora(paths.lora(stage), pipe.unet, info)
         atomic_write_json(paths.metrics / f"{stage}.json", metrics)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from models.denoiser import Cond, encode_prompts
-from models.tlcm import ilcd_inputs
+from models.tlcm import ilcd_inputs, sample_t_ilcd
 from tasks.distill import Student
 from tlcm import distributed as D
 from tlcm.lora_io import save_lora
@@ -63,7 +63,7 @@ def eq9_batch(s: Student, batch_size: int, q: int, gen: torch.Generator) -> Eq9B
         cond = encode_prompts(s.pipe, mine)
     eps = draw_randn(gen, batch_size, *s.shape)
     noise = draw_randn(gen, batch_size, *s.shape)
-    t_m = torch.tensor(s.ms, device=D.device())[draw_randint(gen, 1, len(s.ms), batch_size)]
+    t_m = D.shard(sample_t_ilcd(s.ms, batch_size, gen)).to(D.device())  # a milestone t_m > 0 (Alg. 2)
     z0, z_t = ilcd_inputs(s.student, eps, noise, t_m, q, cond)
     return Eq9Batch(mine, prompts, cond, z0, z_t, t_m)
 

@@ -121,6 +121,7 @@ def test_ilcd_without_mlcd_lora_says_what_to_run(smoke_artifacts, smoke_params, 
 def test_nan_in_distillation_keeps_last_good_checkpoint(smoke_artifacts, smoke_params, tmp_path, monkeypatch):
     """A NaN loss stops the stage with a message; the checkpoint on disk is the last finite one."""
     import tasks.distill as D
+    from tasks import mlcd
     from tlcm.paths import Paths
     from tlcm.training import NonFiniteLoss
 
@@ -137,7 +138,7 @@ def test_nan_in_distillation_keeps_last_good_checkpoint(smoke_artifacts, smoke_p
     monkeypatch.setattr(D, "mse_distance", poisoned)
     p = smoke_params.mlcd.model_copy(update={"loss": "mse", "steps": 6, "checkpoint_every": 2})
     with pytest.raises(NonFiniteLoss, match="last good checkpoint"):
-        D.distill(smoke_params.model_copy(update={"mlcd": p}), paths, "mlcd", "mlcd", None)
+        mlcd.run(smoke_params.model_copy(update={"mlcd": p}), paths)
     (pointer,) = paths.checkpoints("mlcd").glob("*/latest.json")
     latest = json.loads(pointer.read_text())
     assert latest["step"] == 2

@@ -138,3 +138,18 @@ def test_source_is_a_typed_choice_written_as_one_string(tmp_path):
         with pytest.raises(ParamsError) as e:
             load_params(f)
         assert "'teacher.source'" in str(e.value) and "must be `train`" in str(e.value)
+
+
+@pytest.mark.parametrize("section, key", [
+    ("ilcd: {skip: 20}", "ilcd.skip"),  # Alg. 2 has no skip: its target spans a segment in p teacher steps
+    ("ilcd: {teacher_path: buffer}", "ilcd.teacher_path"),  # its inputs come from the student: no teacher buffer
+    ("ilcd: {rank: 8}", "ilcd.rank"),  # it continues mlcd's LoRA, whose rank is fixed
+    ("mlcd: {teacher_steps_p: 3}", "mlcd.teacher_steps_p"),  # Alg. 1 takes one teacher step of skip (Eq. 8)
+    ("lcm_baseline: {student_steps_q: 4}", "lcm_baseline.student_steps_q"),
+])
+@pytest.mark.math
+def test_a_consistency_stage_accepts_only_the_keys_it_reads(tmp_path, section, key):
+    f = tmp_path / "params.yaml"
+    f.write_text(f"preset: mini\n{section}\n")
+    with pytest.raises(ParamsError, match=f"unknown key '{key}'"):
+        load_params(f)

@@ -136,8 +136,7 @@ def test_collapse_watch_reports_a_pinned_discriminator(caplog):
 def test_bf16_frozen_teacher_with_checkpointing_trains_float32_loras(student_chain, smoke_params, tmp_path):
     """The sdxl memory plan (bf16 frozen weights, autocast, gradient checkpointing) on the small teacher:
     mlcd and dmgan train, losses stay finite, the saved LoRAs are float32."""
-    from tasks import dmgan
-    from tasks.distill import distill
+    from tasks import dmgan, mlcd
     from tlcm.paths import Paths
 
     paths = Paths(tmp_path)
@@ -145,7 +144,7 @@ def test_bf16_frozen_teacher_with_checkpointing_trains_float32_loras(student_cha
         (tmp_path / d).symlink_to(getattr(student_chain, "root") / d)
     t = smoke_params.teacher.model_copy(update={"dtype": "bfloat16", "gradient_checkpointing": True})
     params = smoke_params.model_copy(update={"teacher": t, "mps": smoke_params.mps.model_copy(update={"enabled": False})})
-    m = distill(params, paths, "mlcd", "mlcd", None)
+    m = mlcd.run(params, paths)
     assert m["final_consistency"] is not None and math.isfinite(m["final_consistency"])
     from tasks import mps
 

@@ -8,6 +8,7 @@ from models.denoiser import Cond, Denoiser
 from models.diffusion import alphas_cumprod_scaled_linear, ddim_step, q_sample, x0_from_eps
 from models.scheduler import TLCMScheduler, tlcm_timesteps
 from models.tlcm import (f_theta_x0, g_theta, ilcd_terms, lower_milestone, mds_steps, milestones, mlcd_pair,
+                         sample_t_ilcd, sample_t_mlcd,
                          mlcd_terms, segment_of, student_sample_x0, teacher_ddim_path)
 
 pytestmark = pytest.mark.math
@@ -62,6 +63,21 @@ def test_f_theta_is_identity_at_t0():
     out = f_theta_x0(m, z, torch.tensor([0, 300]), cond())
     assert torch.equal(out[0], z[0])
     assert torch.allclose(out[1], x0_from_eps(z[1:], 0.5 * z[1:] + 0.1, torch.tensor([300]), AC)[0], atol=1e-6)
+
+
+def test_t_sampling_mlcd_covers_every_timestep_of_its_segment_and_ilcd_only_milestones():
+    """Alg. 1: t_m in (t_step^s, t_step^{s+1}] with every segment and every integer t in 1..999 drawn; Alg. 2: t_m
+    a milestone above 0, every one drawn. Both are functions of the generator alone."""
+    ms = milestones(8)
+    t = sample_t_mlcd(ms, 200_000, torch.Generator().manual_seed(0))
+    assert set(t.tolist()) == set(range(1, 1000))
+    seg = segment_of(t, ms)
+    assert ((torch.tensor(ms)[seg] < t) & (t <= torch.tensor(ms)[seg + 1])).all()
+    assert torch.equal(t, sample_t_mlcd(ms, 200_000, torch.Generator().manual_seed(0)))
+    one = sample_t_mlcd(milestones(1), 5000, torch.Generator().manual_seed(1))  # the LCD baseline: one segment
+    assert one.min() >= 1 and one.max() <= 999
+    t = sample_t_ilcd(ms, 10_000, torch.Generator().manual_seed(2))
+    assert set(t.tolist()) == set(ms[1:])
 
 
 def test_teacher_path_per_sample_step_counts():

@@ -174,8 +174,7 @@ def planned_gib(stage: str, params, tiny_params, costs, batch: int) -> dict:
     from tlcm.rig import count_evals
 
     section = params.section(stage)
-    ranks = (params.ilcd.rank, params.dmgan.fake_rank) if stage == "dmgan" else (
-        params.ilcd.rank if stage == "mps" else section.rank,)
+    ranks = (params.mlcd.rank, params.dmgan.fake_rank) if stage == "dmgan" else (params.mlcd.rank,)
     recipe = StageRecipe(stage, section.steps, batch, count_evals(stage, params, tiny_params), ranks,
                            trains_head=stage == "dmgan")
     return {"plan_gib": memory_plan(costs, recipe, params.teacher.gradient_checkpointing).total_bytes(batch) / GiB,

@@ -107,9 +107,11 @@ def sdxl_networks(device: torch.device | str, dtype: torch.dtype) -> Networks:
 
 def stage_step(stage: str, params, nets: Networks) -> tuple[Callable[[int], dict[str, float]], Any]:
     """(step function, UNet) of ``stage`` as its ``run`` builds them, on ``nets`` with a fresh student LoRA
-    (rank of the stage's section; `mps`/`dmgan` use `ilcd`'s, the LoRA they continue)."""
+    (`lcm_baseline`'s rank, or `mlcd`'s: the unified LoRA that `ilcd`, `mps` and `dmgan` continue)."""
+    import importlib
+
     from tasks import dmgan, mps
-    from tasks.distill import Consistency, fresh_student, make_step, student_of
+    from tasks.distill import fresh_student, make_step, student_of
     from tasks.finetune import M_SEGMENTS
 
     pipe, section = nets.pipe, params.section(stage)
@@ -117,12 +119,12 @@ def stage_step(stage: str, params, nets: Networks) -> tuple[Callable[[int], dict
         pipe.unet.enable_gradient_checkpointing()
         pipe.vae.enable_gradient_checkpointing()
     if stage in ("lcm_baseline", "mlcd", "ilcd"):
-        fresh_student(pipe, section.rank, section.seed)
+        fresh_student(pipe, params.lcm_baseline.rank if stage == "lcm_baseline" else params.mlcd.rank, section.seed)
         s = student_of(pipe, nets.distance, nets.prompts, "rig", section.num_segments)
-        c = Consistency(s, section, "ilcd" if stage == "ilcd" else "mlcd")
+        batches = importlib.import_module(f"tasks.{stage}").batches(s, section)
         opt = torch.optim.AdamW(s.trainable, lr=section.lr, weight_decay=0.0)
-        return make_step(c, opt, stage, params.teacher), pipe.unet
-    fresh_student(pipe, params.ilcd.rank, section.seed)
+        return make_step(s, batches, opt, stage, params.teacher), pipe.unet
+    fresh_student(pipe, params.mlcd.rank, section.seed)
     s = student_of(pipe, nets.distance, nets.prompts, "rig", M_SEGMENTS)
     opt = torch.optim.AdamW(s.trainable, lr=section.lr, weight_decay=0.0)
     if stage == "mps":

@@ -15,14 +15,16 @@ instead), ``distillation`` (prompts, the consistency stages, MPS and DM+GAN), ``
 """
 from tlcm.params.benchmark import ApplicationsParams, EvaluateParams, GateParams, RegisterParams, SuiteParams
 from tlcm.params.core import LCM_MAX_STEPS, T_TRAIN, TLCM_MAX_STEPS, TRAIN, ParamsError, Section, Source
-from tlcm.params.distillation import ConsistencyParams, DmganParams, MpsParams, PromptsParams, TechniqueParams
+from tlcm.params.distillation import (ConsistencyParams, DmganParams, IlcdParams, MlcdParams, MpsParams, PromptsParams,
+                                      TechniqueParams)
 from tlcm.params.loading import BASE_PRESET, PRESET_NAME, PRESETS_DIR, ROOT, Params, load_params
 from tlcm.params.networks import (AutoencoderParams, BappsParams, ControlNetParams, EvaluatorParams, LatentLpipsParams,
                                   RewardParams, TeacherParams, TextParams, UNetParams, WorldParams)
 
 __all__ = [
     "ApplicationsParams", "AutoencoderParams", "BappsParams", "BASE_PRESET", "ConsistencyParams", "ControlNetParams",
-    "DmganParams", "EvaluateParams", "EvaluatorParams", "GateParams", "LatentLpipsParams", "LCM_MAX_STEPS",
+    "DmganParams", "EvaluateParams", "EvaluatorParams", "GateParams", "IlcdParams", "LatentLpipsParams", "LCM_MAX_STEPS",
+    "MlcdParams",
     "load_params", "MpsParams", "Params", "ParamsError", "PRESET_NAME", "PRESETS_DIR", "PromptsParams",
     "RegisterParams", "RewardParams", "ROOT", "Section", "Source", "SuiteParams", "T_TRAIN", "TeacherParams", "TechniqueParams",
     "TextParams", "TLCM_MAX_STEPS", "TRAIN", "UNetParams", "WorldParams",

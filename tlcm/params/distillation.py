@@ -1,5 +1,5 @@
 """The sections of the distillation stages: where their prompts come from, the consistency
-stages (``mlcd``, ``ilcd``, ``lcm_baseline``) and the techniques on top (``mps``, ``dmgan``)."""
+stages (``mlcd``/``lcm_baseline``, ``ilcd``: a shared base and each one's own keys) and the techniques on top (``mps``, ``dmgan``)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -18,28 +18,36 @@ class PromptsParams(Section):
 
 
 class ConsistencyParams(Section):
-    """Shared by `mlcd`, `ilcd` and `lcm_baseline` (same loop, different sections)."""
+    """What `mlcd`, `ilcd` and `lcm_baseline` share (the loop of tasks/distill.py; each stage's batches read the rest)."""
     seed: int = 7
-    rank: int = Field(16, gt=0)
     num_segments: int = Field(8, gt=0, le=T_TRAIN, description="M; 1 gives plain LCD over [0, T] (the LCM baseline)")
-    skip: int = Field(20, gt=0, description="MLCD: t_m - t_n; < T/M (a skip past the segment would always be clamped)")
     guidance_scale: float = Field(5.0, ge=0, description="CFG w of the teacher solver (sdxl: 8.0)")
     loss: Literal["mse", "lpips"] = "lpips"
     steps: int = Field(250, gt=0)
     batch_size: int = Field(32, gt=0)
     lr: float = Field(1e-4, gt=0)
-    teacher_steps_p: int = Field(3, gt=0, description="iLCD: p teacher DDIM steps over one segment")
-    student_steps_q: int = Field(4, gt=0, description="iLCD: q student steps that make ẑ0")
-    teacher_path: Literal["mds", "buffer"] = Field(
-        "mds", description="MLCD pairs: 'mds' = Alg. 1 from fresh noise each step; 'buffer' = from buffered teacher "
-                           "trajectories (tasks/teacher_buffer.py; about one teacher CFG step per pair)")
-    buffer_trajectories: int = Field(64, gt=0, description="teacher trajectories per buffer chunk (global; a multiple "
-                                                           "of batch_size)")
-    buffer_refresh: int = Field(100, gt=0, description="training steps per buffer chunk (then the next is generated)")
     eval_every: int = Field(200, ge=0, description="small evaluation every N steps (0 = off); the loss says little")
     eval_prompts: int = Field(64, gt=0)
     checkpoint_every: int = Field(100, gt=0)
     max_minutes: float = Field(0.0, ge=0)
+
+
+class IlcdParams(ConsistencyParams):
+    """`ilcd` (Alg. 2): continues `mlcd`'s LoRA (its rank is that LoRA's); inputs from the student, no skip or buffer."""
+    teacher_steps_p: int = Field(3, gt=0, description="p teacher DDIM steps over one segment")
+    student_steps_q: int = Field(4, gt=0, description="q student steps that make ẑ0")
+
+
+class MlcdParams(ConsistencyParams):
+    """`mlcd` and `lcm_baseline` (Alg. 1 pairs): a fresh LoRA of ``rank``; pairs ``skip`` apart, by MDS or the buffer."""
+    rank: int = Field(16, gt=0)
+    skip: int = Field(20, gt=0, description="t_m - t_n; < T/M (a skip past the segment would always be clamped)")
+    teacher_path: Literal["mds", "buffer"] = Field(
+        "mds", description="'mds' = Alg. 1 from fresh noise each step; 'buffer' = from buffered teacher "
+                           "trajectories (tasks/teacher_buffer.py; about one teacher CFG step per pair)")
+    buffer_trajectories: int = Field(64, gt=0, description="teacher trajectories per buffer chunk (global; a multiple "
+                                                           "of batch_size)")
+    buffer_refresh: int = Field(100, gt=0, description="training steps per buffer chunk (then the next is generated)")
 
     @field_validator("skip")
     @classmethod
@@ -51,7 +59,7 @@ class ConsistencyParams(Section):
         return v
 
     @model_validator(mode="after")
-    def _buffer_fits(self) -> "ConsistencyParams":
+    def _buffer_fits(self) -> "MlcdParams":
         if self.teacher_path == "buffer" and self.buffer_trajectories % self.batch_size:
             raise ValueError(f"buffer_trajectories ({self.buffer_trajectories}) must be a multiple of batch_size "
                              f"({self.batch_size}): trajectory i serves row i mod batch_size")

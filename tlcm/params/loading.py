@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from tlcm.params.benchmark import ApplicationsParams, EvaluateParams, RegisterParams, SuiteParams
 from tlcm.params.core import ParamsError, Section
-from tlcm.params.distillation import ConsistencyParams, DmganParams, MpsParams, PromptsParams
+from tlcm.params.distillation import DmganParams, IlcdParams, MlcdParams, MpsParams, PromptsParams
 from tlcm.params.networks import (AutoencoderParams, BappsParams, ControlNetParams, EvaluatorParams, LatentLpipsParams,
                                  RewardParams, TeacherParams, WorldParams)
 
@@ -37,9 +37,9 @@ with warnings.catch_warnings():
         teacher: TeacherParams = TeacherParams()
         bapps: BappsParams = BappsParams()
         latent_lpips: LatentLpipsParams = LatentLpipsParams()
-        mlcd: ConsistencyParams = ConsistencyParams()
-        ilcd: ConsistencyParams = ConsistencyParams(seed=8, steps=100, lr=5e-5, eval_every=100, checkpoint_every=50)
-        lcm_baseline: ConsistencyParams = ConsistencyParams(num_segments=1)
+        mlcd: MlcdParams = MlcdParams()
+        ilcd: IlcdParams = IlcdParams(seed=8, steps=100, lr=5e-5, eval_every=100, checkpoint_every=50)
+        lcm_baseline: MlcdParams = MlcdParams(num_segments=1)
         prompts: PromptsParams = PromptsParams()
         reward: RewardParams = RewardParams()
         mps: MpsParams = MpsParams()

@@ -50,7 +50,7 @@ def counted_evals(stage: str, params, tiny_params) -> StageEvals:
     teacher with a counting UNet (:func:`tlcm.rig.count_evals`); cached per configuration."""
     section = params.section(stage)
     key = (stage, section.model_dump_json(exclude={"steps", "lr", "max_minutes", "checkpoint_every", "eval_every"}),
-           params.ilcd.rank)
+           params.mlcd.rank)
     if key not in _COUNTS:
         from tlcm.rig import count_evals
 
@@ -90,9 +90,9 @@ def params_recipe(params, tiny_params, evals: dict[str, StageEvals] | None = Non
         out.append(StageRecipe("mlcd (mds: Alg. 1, for comparison)", m.steps, m.batch_size,
                                e.get("mlcd_mds") or counted_evals("mlcd", mds, tiny_params), (m.rank,), in_paper=False))
     return out + [
-        StageRecipe("ilcd", i.steps, i.batch_size, e["ilcd"], (i.rank,)),
-        StageRecipe("mps", params.mps.steps, params.mps.batch_size, e["mps"], (i.rank,)),
-        StageRecipe("dmgan", d.steps, d.batch_size, e["dmgan"], (i.rank, d.fake_rank), trains_head=True),
+        StageRecipe("ilcd", i.steps, i.batch_size, e["ilcd"], (m.rank,)),  # the unified LoRA: mlcd's rank
+        StageRecipe("mps", params.mps.steps, params.mps.batch_size, e["mps"], (m.rank,)),
+        StageRecipe("dmgan", d.steps, d.batch_size, e["dmgan"], (m.rank, d.fake_rank), trains_head=True),
     ]
 
 
