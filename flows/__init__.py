@@ -1,1 +1,2 @@
-"""Prefect flows: orchestration only, no logic."""
+"""The entry points, orchestration only: the Prefect flow (``flows.tlcm``) and the ``tlcm`` command
+(``flows.cli``). They call the stages (``tasks``) and the library (``tlcm``); nothing imports them."""

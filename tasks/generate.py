@@ -11,6 +11,7 @@ import torch
 from models.denoiser import Denoiser, encode_prompts
 from models.sampling import sample_ddim, sample_with_scheduler, trailing_timesteps, unet_evals
 from tlcm.grids import save_grid
+from tlcm.lora_io import resolve_lora
 from tlcm.params import T_TRAIN, TLCM_MAX_STEPS, Params, ParamsError
 from tlcm.paths import Paths
 from tlcm.teacher_io import decode_latents, frozen_dtype, load_for_sampling, resolve_teacher
@@ -72,23 +73,6 @@ def student_samples(pipe, prompts: list[str], steps: int, seed: int, batch_size:
         out.append(decode(pipe, z0))
     dt = time.perf_counter() - t0
     return Samples(np.concatenate(out), dt / len(prompts), unet_evals(steps, guidance))
-
-
-def resolve_lora(ref: str) -> Path:
-    """A LoRA folder from a path, or from a registered version or run (``models:/<name>@champion``,
-    ``runs:/<id>/model``: its ``artifacts/lora``)."""
-    if ref.startswith(("models:/", "runs:/")):
-        import tempfile
-
-        import mlflow
-
-        from tlcm import tracking
-        from tlcm.packaging import lora_folder
-
-        mlflow.set_tracking_uri(tracking.tracking_uri())
-        return lora_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=ref,
-                                                                    dst_path=tempfile.mkdtemp(prefix="tlcm-lora-"))))
-    return Path(ref)
 
 
 def load_student_pipe(teacher: str, lora: str | Path, scheduler: str = "tlcm", dtype: torch.dtype = torch.float32,

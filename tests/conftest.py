@@ -142,7 +142,7 @@ def perturbed_lora(smoke_artifacts, tmp_path_factory):
 
 def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     e = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "tlcm.cli", *args], cwd=cwd, env=e, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=e, capture_output=True, text=True,
                           timeout=timeout)
 
 

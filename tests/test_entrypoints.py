@@ -90,7 +90,7 @@ def test_full_disk_is_one_line_naming_the_folder_and_publishes_nothing(tmp_path)
         pytest.skip("needs `unshare -Urm` (user + mount namespaces) to mount a small tmpfs")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    cli = f"{sys.executable} -m tlcm.cli stage world --preset smoke --artifacts {mnt}/art"
+    cli = f"{sys.executable} -m flows.cli stage world --preset smoke --artifacts {mnt}/art"
     script = f"mount -t tmpfs -o size=16k none {mnt} && cd {REPO} && {cli}; rc=$?; ls -A {mnt}/art >&2; exit $rc"
     r = subprocess.run(["unshare", "-Urm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "TQDM_DISABLE": "1"})
@@ -111,7 +111,7 @@ def test_unwritable_artifacts_folder_is_one_line_with_a_command_that_works(tmp_p
             pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE")
         caps = "-dac_override,-dac_read_search"
         prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
-    cmd = [*prefix, sys.executable, "-m", "tlcm.cli", "stage", "world", "--preset", "smoke", "--artifacts", str(art)]
+    cmd = [*prefix, sys.executable, "-m", "flows.cli", "stage", "world", "--preset", "smoke", "--artifacts", str(art)]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     line = _one_error(r)

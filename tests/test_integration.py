@@ -280,7 +280,7 @@ def test_changed_inputs_rerun_exactly_what_they_touch(stack, project, stages):
     assert set(downstream) <= _dvc_status_stages(project, env)
 
     # 3. `tlcm run` retrains what the new teacher and LoRA touch, and only that; then it is a no-op
-    tlcm_run = [sys.executable, "-m", "tlcm.cli", "run"]
+    tlcm_run = [sys.executable, "-m", "flows.cli", "run"]
     r = run(tlcm_run, project, {**env, "TLCM_TRACKING": "0"})
     assert r.returncode == 0, r.stderr[-3000:]
     assert re.findall(r"stage (\w+): start", r.stderr) == [*downstream, "register"], r.stderr[-3000:]
@@ -421,7 +421,7 @@ def test_candidate_is_an_mlflow_model_that_predicts_images(stack, project, monke
 # ---- registry: promotion and concurrency ----------------------------------------------------
 
 def tlcm(project, env, *args) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "tlcm.cli", *args], project, env, timeout=300)
+    return run([sys.executable, "-m", "flows.cli", *args], project, env, timeout=300)
 
 
 def test_promote_refuses_failing_gates_and_forces(stack, project):
@@ -517,7 +517,7 @@ def test_two_registrations_at_once_get_distinct_versions(stack, project, tmp_pat
     for f in folders:
         fake_outputs(Paths(f))  # registration does not care how the folder was made
     before = set(versions(stack))
-    cmd = ["nice", "-n", "19", sys.executable, "-m", "tlcm.cli", "stage", "register", "--artifacts"]
+    cmd = ["nice", "-n", "19", sys.executable, "-m", "flows.cli", "stage", "register", "--artifacts"]
     procs = [subprocess.Popen([*cmd, str(f)], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for f in folders]
     outs = [p.communicate(timeout=300) for p in procs]

@@ -40,14 +40,14 @@ def test_launch_command_starts_a_real_cpu_process_group():
     assert "--cpu" not in argv and "--multi_gpu" in argv and env["ACCELERATE_USE_CPU"] == "1"
     assert argv[argv.index("--num_processes") + 1] == "2" and argv[argv.index("--num_machines") + 1] == "1"
     assert argv[argv.index("--main_process_port") + 1] == "29999"
-    assert argv[argv.index("tlcm.cli") - 1] == "-m" and argv[argv.index("tlcm.cli") + 1:] == args
+    assert argv[argv.index("flows.cli") - 1] == "-m" and argv[argv.index("flows.cli") + 1:] == args
     gpu_argv, gpu_env = launch_command(["stage", "mlcd"], 4, cpu=False, port=29999)
     assert "--multi_gpu" in gpu_argv and gpu_env.get("ACCELERATE_USE_CPU") == os.environ.get("ACCELERATE_USE_CPU")
     assert default_num_processes() == (torch.cuda.device_count() if torch.cuda.is_available() else 1)
 
 
 def test_batch_that_does_not_divide_stops_before_launching(smoke_params, tmp_path, caplog):
-    from tlcm.cli import main
+    from flows.cli import main
 
     f = _params_file(smoke_params, tmp_path / "params.yaml", steps=3)  # mlcd.batch_size 4
     assert main(["stage", "mlcd", "--params", str(f), "--artifacts", str(tmp_path / "a"), "--num-processes", "3"]) == 2

@@ -47,7 +47,7 @@ def test_closure_follows_imports_inside_functions_and_stays_in_the_project():
     # tasks/distill.py imports tasks.latent_lpips and tasks.generate inside functions only
     assert {"tasks/distill.py", "tasks/latent_lpips.py", "tasks/generate.py", "models/scheduler.py"} <= set(closure)
     assert all(f.split("/")[0] in identity.PACKAGES for f in closure)
-    assert "tasks/registry.py" not in closure and "tlcm/cli.py" not in closure
+    assert "tasks/registry.py" not in closure and "flows/cli.py" not in closure
 
 
 def _copy_code(dst):
@@ -115,7 +115,7 @@ def test_a_stage_that_opens_an_undeclared_artifact_fails(tmp_path, monkeypatch):
 @pytest.mark.math
 def test_every_list_of_stages_reads_the_declarations():
     from flows.tlcm import STAGE_TASKS
-    from tlcm.cli import build_parser
+    from flows.cli import build_parser
     from tlcm.distributed import MULTI_PROCESS_STAGES
 
     sub = next(a for a in build_parser()._actions if a.dest == "cmd").choices

@@ -118,7 +118,7 @@ def test_killed_stage_resumes_from_its_checkpoint(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(cfg))
     art = tmp_path / "art"
-    cmd = [sys.executable, "-m", "tlcm.cli", "stage", "autoencoder", "--params", str(params), "--artifacts", str(art)]
+    cmd = [sys.executable, "-m", "flows.cli", "stage", "autoencoder", "--params", str(params), "--artifacts", str(art)]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "TQDM_DISABLE": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     def latest_step() -> int:  # checkpoints/<stage>/<run identity>/latest.json

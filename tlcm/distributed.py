@@ -230,7 +230,7 @@ def free_port() -> int:
 
 def launch_command(args: Sequence[str], num_processes: int, cpu: bool | None = None,
                    port: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """``(argv, env)`` that runs ``python -m tlcm.cli <args>`` on ``num_processes`` processes.
+    """``(argv, env)`` that runs ``python -m flows.cli <args>`` on ``num_processes`` processes.
 
     CPU: ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N --num_machines 1 ...``
     (a real N-process gloo group); GPU: the same without ``ACCELERATE_USE_CPU`` (NCCL)."""
@@ -240,7 +240,7 @@ def launch_command(args: Sequence[str], num_processes: int, cpu: bool | None = N
     argv = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
             "--num_machines", "1", "--main_process_ip", "127.0.0.1",
             "--main_process_port", str(port or free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "tlcm.cli", *args]
+            "-m", "flows.cli", *args]
     env = {**os.environ, LAUNCHED_ENV: "1"}
     if cpu:
         env["ACCELERATE_USE_CPU"] = "1"

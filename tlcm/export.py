@@ -17,12 +17,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from models.lora_formats import lora_modules, to_kohya, to_peft
+from tlcm.lora_io import META, WEIGHTS, resolve_lora
 from tlcm.storage import ArtifactError, atomic_dir, load_tensors, read_json, save_tensors
 
 log = logging.getLogger("tlcm")
 
 FORMATS = ("diffusers", "peft", "kohya")
-WEIGHTS, META = "pytorch_lora_weights.safetensors", "tlcm_lora.json"
 
 
 def read_lora(folder: Path) -> tuple[dict, dict]:
@@ -51,8 +51,6 @@ def base_of(source_dir: Path, teacher: str | None) -> str:
 
 def export(source: str, fmt: str, out: Path, teacher: str | None = None) -> Path:
     """Write ``source`` (LoRA folder or MLflow URI) as ``fmt`` to ``out``; returns ``out``."""
-    from tasks.generate import resolve_lora
-
     if fmt not in FORMATS:
         raise ArtifactError(f"unknown export format '{fmt}' (formats: {', '.join(FORMATS)})")
     folder = resolve_lora(source)

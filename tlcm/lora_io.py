@@ -16,7 +16,24 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from models.lora import STUDENT, add_lora
 from tlcm.storage import ArtifactError, atomic_dir, load_tensors, read_json
 
-WEIGHTS = "pytorch_lora_weights.safetensors"
+WEIGHTS, META = "pytorch_lora_weights.safetensors", "tlcm_lora.json"
+
+
+def resolve_lora(ref: str) -> Path:
+    """A LoRA folder from a path, or from a registered version or run (``models:/<name>@champion``,
+    ``runs:/<id>/model``: its ``artifacts/lora``)."""
+    if ref.startswith(("models:/", "runs:/")):
+        import tempfile
+
+        import mlflow
+
+        from tlcm import tracking
+        from tlcm.packaging import lora_folder
+
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+        return lora_folder(Path(mlflow.artifacts.download_artifacts(artifact_uri=ref,
+                                                                    dst_path=tempfile.mkdtemp(prefix="tlcm-lora-"))))
+    return Path(ref)
 
 
 def lora_state(unet, name: str = STUDENT) -> dict[str, torch.Tensor]:
@@ -31,14 +48,14 @@ def save_lora(folder: str | Path, unet, info: dict, name: str = STUDENT) -> Path
     with atomic_dir(folder) as out:
         StableDiffusionXLPipeline.save_lora_weights(out, unet_lora_layers=lora_state(unet, name), safe_serialization=True)
         meta = {"rank": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules), **info}
-        (out / "tlcm_lora.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+        (out / META).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
     return Path(folder)
 
 
 def load_lora_into(unet, folder: str | Path, name: str = STUDENT) -> None:
     """Add adapter ``name`` to ``unet`` and load a saved student LoRA into it (to continue training)."""
     folder = Path(folder)
-    meta_file = folder / "tlcm_lora.json"
+    meta_file = folder / META
     meta = read_json(meta_file, "LoRA", f"run the stage that writes {folder} first")
     sd = load_tensors(folder / WEIGHTS, what="LoRA weights")
     add_lora(unet, meta["rank"], name, meta["lora_alpha"])

@@ -1,4 +1,7 @@
-"""The ``tlcm`` command: run stages, the whole pipeline, sample images."""
+"""The ``tlcm`` command: run stages, the whole pipeline, sample images, export, register.
+
+An entry point, like the Prefect flow beside it: it parses arguments and calls the stages
+(``tasks``) and the library (``tlcm``); nothing imports it (``python -m flows.cli`` runs it too)."""
 from __future__ import annotations
 
 import argparse
