@@ -590,6 +590,31 @@ def test_preflight_names_every_missing_asset(tmp_path, params, monkeypatch):
     assert check_assets(p) == []
 
 
+@pytest.mark.math
+def test_preflight_accepts_a_converted_mps_folder_and_names_a_missing_or_untrusted_one(tmp_path, params):
+    """reward.source as the sdxl preset sets it: the folder `tlcm convert-mps` writes (before: preflight took only a
+    file, so that folder was reported missing and `tlcm run --preset sdxl` stopped)."""
+    from safetensors.torch import save_file
+
+    from tlcm.preflight import check_assets
+
+    def with_reward(source):
+        return params.model_copy(update={"reward": params.reward.model_copy(update={"source": Source(location=source)})})
+
+    folder = tmp_path / "mps_overall"
+    problems = check_assets(with_reward(str(folder)))
+    assert len(problems) == 1 and problems[0].startswith(
+        f"MPS reward checkpoint (reward.source): MPS checkpoint not found: {folder}; point reward.source at a folder "
+        "made by `tlcm convert-mps`"), problems
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"kind": "mps"}))
+    save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"))
+    assert check_assets(with_reward(str(folder))) == []
+    (tmp_path / "MPS_overall_checkpoint.pth").write_bytes(b"x")
+    problems = check_assets(with_reward(str(tmp_path / "MPS_overall_checkpoint.pth")))
+    assert len(problems) == 1 and "refusing to unpickle" in problems[0], problems
+
+
 def test_tlcm_run_sdxl_fails_fast_naming_the_teacher(tmp_path):
     t0 = time.monotonic()
     r = run_cli("run", "--preset", "sdxl", "--artifacts", str(tmp_path / "artifacts"),

@@ -83,6 +83,18 @@ def _suite_problems(params: Params) -> list[str]:
     return problems
 
 
+def _reward_problem(source: str, trust_pickled: bool) -> str | None:
+    """What the reward stage itself checks (:func:`tlcm.reward_io.check_mps_source`): a `tlcm convert-mps` folder
+    (before: only a file passed here, so the converted folder the sdxl preset names was reported missing)."""
+    from tlcm.reward_io import check_mps_source
+
+    try:
+        check_mps_source(Path(source).expanduser(), trust_pickled)
+    except ArtifactError as e:
+        return f"MPS reward checkpoint (reward.source): {e}"
+    return None
+
+
 def check_assets(params: Params) -> list[str]:
     """Every external asset ``params`` names that is not available locally, one message each (empty = all there)."""
     problems = []
@@ -95,9 +107,8 @@ def check_assets(params: Params) -> list[str]:
         if not p.is_file():
             problems.append(f"prompt file (prompts.source): '{p}' not found; a .txt (one caption per line), .jsonl or "
                             f".parquet of captions (field/column prompts.caption_key = '{params.prompts.caption_key}')")
-    reward = params.reward.source
-    if params.mps.enabled and reward.pretrained and not Path(reward.location).expanduser().is_file():
-        problems.append(f"MPS reward checkpoint (reward.source): '{reward.location}' not found")
+    if params.mps.enabled and params.reward.source.pretrained:
+        problems.append(_reward_problem(params.reward.source.location, params.reward.trust_pickled))
     problems += _suite_problems(params)
     return [p for p in problems if p]
 
