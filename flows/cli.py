@@ -124,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(params.model_dump(mode="json"), indent=2))
         elif args.cmd == "stage":
             from tasks.registry import run_stage
-            from tlcm.distributed import launch_or_join, launched
+            from tlcm.distributed import launched
+            from tlcm.launch import launch_or_join
             from tlcm.locks import stage_lock
 
             launcher = args.num_processes > 1 and not launched()  # it holds the lock for the processes it starts

@@ -60,7 +60,7 @@ def run_stage_on_worker(name: str, params: Params, paths: Paths, params_file: st
                         preset: str | None = None) -> dict:
     """What a Prefect task runs: ``run_stage`` in this process, or, on a worker with N > 1 GPUs, the
     stage under ``accelerate launch`` on N processes (training stages that support it)."""
-    from tlcm.distributed import default_num_processes, launch_stage
+    from tlcm.launch import default_num_processes, launch_stage
 
     n = default_num_processes()
     if n <= 1 or not S.get(name).multi_process:

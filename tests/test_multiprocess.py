@@ -31,7 +31,7 @@ def test_shard_is_contiguous_and_covers_the_global_batch():
 
 def test_launch_command_starts_a_real_cpu_process_group():
     """`--cpu --num_processes N` silently runs one process; `--multi_gpu` + ACCELERATE_USE_CPU=1 runs N (gloo)."""
-    from tlcm.distributed import default_num_processes, launch_command, stage_args
+    from tlcm.launch import default_num_processes, launch_command, stage_args
 
     args = stage_args("mlcd", "params.yaml", "smoke", "artifacts", 2)
     assert args == ["stage", "mlcd", "--params", "params.yaml", "--artifacts", "artifacts", "--num-processes", "2",
@@ -56,7 +56,7 @@ def test_batch_that_does_not_divide_stops_before_launching(smoke_params, tmp_pat
 
 def test_only_training_stages_relaunch(smoke_params):
     """A stage without a training loop (world, evaluate, ...) ignores --num-processes and runs in this process."""
-    from tlcm.distributed import MULTI_PROCESS_STAGES, launch_or_join
+    from tlcm.launch import MULTI_PROCESS_STAGES, launch_or_join
 
     assert {"teacher", "lcm_baseline", "mlcd", "ilcd"} <= MULTI_PROCESS_STAGES
     assert launch_or_join(2, ["stage", "world", "--num-processes", "2"], smoke_params, "world") is None
@@ -225,7 +225,7 @@ def test_stage_on_two_processes_matches_one_process(stage, technique_inputs, smo
     from safetensors.torch import load_file
 
     from tasks.registry import run_stage
-    from tlcm.distributed import MULTI_PROCESS_STAGES
+    from tlcm.launch import MULTI_PROCESS_STAGES
     from tlcm.params import load_params
     from tlcm.paths import Paths
 

@@ -116,7 +116,7 @@ def test_a_stage_that_opens_an_undeclared_artifact_fails(tmp_path, monkeypatch):
 def test_every_list_of_stages_reads_the_declarations():
     from flows.tlcm import STAGE_TASKS
     from flows.cli import build_parser
-    from tlcm.distributed import MULTI_PROCESS_STAGES
+    from tlcm.launch import MULTI_PROCESS_STAGES
 
     sub = next(a for a in build_parser()._actions if a.dest == "cmd").choices
     assert list(next(a for a in sub["stage"]._actions if a.dest == "name").choices) == list(S.NAMES)

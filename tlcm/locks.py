@@ -116,7 +116,8 @@ def stage_lock_here(root: str | Path, stage: str):
     """:func:`stage_lock`, except in the processes of a launch whose launcher holds it already
     (``tlcm stage --num-processes N``) and in the non-main ranks of a launch started by hand."""
     from tlcm import distributed
+    from tlcm.launch import LAUNCHED_ENV
 
-    if os.environ.get(distributed.LAUNCHED_ENV) or not distributed.is_main():
+    if os.environ.get(LAUNCHED_ENV) or not distributed.is_main():
         return contextlib.nullcontext()
     return stage_lock(root, stage)
