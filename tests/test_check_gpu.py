@@ -56,7 +56,7 @@ def test_smoke_part_runs_the_declared_stages(monkeypatch):
 def test_parts_on_the_cpu_at_smoke_size(smoke_params, tmp_path):
     """(b) every checked stage's real step at the sdxl preset's precision settings, with `tlcm plan`'s memory
     prediction for the same settings; (c) sampling; and the bf16-vs-float32 step, on the smoke teacher's sizes."""
-    from tlcm import check_gpu as C
+    from tlcm import check_gpu_parts as C
     from tlcm.plan.networks import mini_costs
     from tlcm.rig import tiny_networks
 
