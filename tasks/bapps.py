@@ -1,7 +1,7 @@
 """Stage `bapps`: the 2AFC triplets the latent LPIPS learns from (TLCM §4.3; BAPPS, Zhang et al. 2018).
 
 ``bapps.source: synthetic`` (default) writes a shapes-world BAPPS in the real
-BAPPS layout to ``<artifacts>/bapps`` (see :mod:`tlcm.bapps`); any other value
+BAPPS layout to ``<artifacts>/bapps`` (see :mod:`tlcm.synthetic_bapps`); any other value
 is the root of a real BAPPS copy, whose 2AFC layout is checked (nothing is
 copied).
 """
@@ -10,23 +10,24 @@ from __future__ import annotations
 import logging
 import time
 
-from tlcm import bapps as B
+from tlcm.bapps_io import SPLITS, bapps_root, summarize
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import atomic_write_json
+from tlcm.synthetic_bapps import SYNTHETIC_SET, write_synthetic
 
 log = logging.getLogger("tlcm")
 
 
 def run(params: Params, paths: Paths) -> dict:
     bp = params.bapps
-    root = B.bapps_root(params, paths)
+    root = bapps_root(params, paths)
     t0 = time.monotonic()
     if bp.source == "synthetic":
-        summary = B.write_synthetic(root, bp, params.world)
-        counts = {s: {B.SYNTHETIC_SET: summary[s]["triplets"]} for s in B.SPLITS}
+        summary = write_synthetic(root, bp, params.world)
+        counts = {s: {SYNTHETIC_SET: summary[s]["triplets"]} for s in SPLITS}
     else:
-        counts = B.summarize(root)
+        counts = summarize(root)
         summary = {"sets": sorted({n for c in counts.values() for n in c})}
     metrics = {
         "source": bp.source,

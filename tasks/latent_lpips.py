@@ -23,13 +23,14 @@ import torch
 from diffusers import AutoencoderKL
 
 from models.latent_lpips import LatentLPIPS, RankingHead, ranking_loss, two_afc_score
-from tlcm import bapps as B
 from tlcm import distributed as D
+from tlcm.bapps_io import Triplets, bapps_root, load_2afc
 from tlcm.identity import checkpointer
 from tlcm.params import Params
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
 from tlcm.render import to_unit_tensor
+from tlcm.synthetic_bapps import oracle_distance
 from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
@@ -66,7 +67,7 @@ def encode(vae: AutoencoderKL, images: np.ndarray, batch: int = 128) -> torch.Te
     return torch.cat(out)
 
 
-def encode_triplets(vae: AutoencoderKL, t: B.Triplets) -> dict[str, torch.Tensor]:
+def encode_triplets(vae: AutoencoderKL, t: Triplets) -> dict[str, torch.Tensor]:
     return {"ref": encode(vae, t.ref), "p0": encode(vae, t.p0), "p1": encode(vae, t.p1),
             "judge": torch.from_numpy(t.judge).float()}
 
@@ -110,9 +111,9 @@ def agreement(d0, d1, judge) -> float:
 
 def run(params: Params, paths: Paths) -> dict:
     p = params.latent_lpips
-    root = B.bapps_root(params, paths)
-    train_t = B.load_2afc(root, "train", limit=p.max_train_triplets)
-    val_t = B.load_2afc(root, "val")
+    root = bapps_root(params, paths)
+    train_t = load_2afc(root, "train", limit=p.max_train_triplets)
+    val_t = load_2afc(root, "val")
     vae = load_vae(params, paths)
     lat = encode_triplets(vae, train_t)
     val = encode_triplets(vae, val_t)
@@ -159,7 +160,7 @@ def run(params: Params, paths: Paths) -> dict:
     d0, d1 = lpips_distances(net, val)
     mse0 = (val["ref"] - val["p0"]).pow(2).mean(dim=(1, 2, 3))
     mse1 = (val["ref"] - val["p1"]).pow(2).mean(dim=(1, 2, 3))
-    o0, o1 = B.oracle_distance(val_t.ref, val_t.p0), B.oracle_distance(val_t.ref, val_t.p1)
+    o0, o1 = oracle_distance(val_t.ref, val_t.p0), oracle_distance(val_t.ref, val_t.p1)
     j = val["judge"]
     metrics = {
         "val_2afc": {

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from models.latent_lpips import LatentLPIPS, NetLinLayer, RankingHead, ranking_loss, two_afc_score
-from tlcm import bapps as B
+from tlcm import bapps_io as B
+from tlcm import synthetic_bapps as S
 from tlcm.params import BappsParams, LatentLpipsParams, WorldParams
 from tlcm.paths import Paths
 from tlcm.storage import ArtifactError
@@ -109,17 +110,17 @@ def test_ssim_matches_reference():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 32, 32, generator=g)
     y = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
-    torch.testing.assert_close(B.ssim(x, x), torch.ones(4))
-    torch.testing.assert_close(B.ssim(x, y), tm_ssim(x, y, data_range=1.0, reduction="none"), atol=0.01, rtol=0)
+    torch.testing.assert_close(S.ssim(x, x), torch.ones(4))
+    torch.testing.assert_close(S.ssim(x, y), tm_ssim(x, y, data_range=1.0, reduction="none"), atol=0.01, rtol=0)
 
 
 def test_synthetic_bapps_has_real_layout_and_reads_back(tmp_path):
     bp, wp = BappsParams(n_train=6, n_val=4, judges=5), WorldParams()
     root = tmp_path / "bapps"
-    summary = B.write_synthetic(root, bp, wp)
+    summary = S.write_synthetic(root, bp, wp)
     assert summary["train"]["triplets"] == 6
     for split, n in (("train", 6), ("val", 4)):
-        base = root / "2afc" / split / B.SYNTHETIC_SET
+        base = root / "2afc" / split / S.SYNTHETIC_SET
         for part in ("ref", "p0", "p1"):
             assert sorted(p.name for p in (base / part).iterdir()) == [f"{i:06d}.png" for i in range(n)]
         judge = np.load(base / "judge" / "000000.npy")
@@ -130,9 +131,9 @@ def test_synthetic_bapps_has_real_layout_and_reads_back(tmp_path):
     assert t.judge.shape == (6,) and ((t.judge >= 0) & (t.judge <= 1)).all()
     np.testing.assert_allclose(t.judge * 5, np.round(t.judge * 5), atol=1e-5)  # vote fractions of 5 judges
     assert (t.p0 != t.ref).any() and (t.p1 != t.p0).any()
-    again = B.synthetic_triplets(bp, wp, "train", 6)  # deterministic in the seed; PNG is lossless
+    again = S.synthetic_triplets(bp, wp, "train", 6)  # deterministic in the seed; PNG is lossless
     assert np.array_equal(again.ref, t.ref) and np.array_equal(again.p1, t.p1) and np.array_equal(again.judge, t.judge)
-    assert not np.array_equal(B.synthetic_triplets(bp, wp, "val", 6).ref, t.ref)
+    assert not np.array_equal(S.synthetic_triplets(bp, wp, "val", 6).ref, t.ref)
 
 
 @pytest.mark.math

@@ -39,7 +39,7 @@ def _teacher_problem(source: str) -> str | None:
 
 
 def _bapps_problem(root: str) -> str | None:
-    from tlcm.bapps import GET_BAPPS, SPLITS
+    from tlcm.bapps_io import GET_BAPPS, SPLITS
 
     base = Path(root).expanduser()
     missing = [s for s in SPLITS if not any(p.is_dir() for p in (base / "2afc" / s).glob("*"))]
