@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from tasks.evaluate import Row, frechet_distance, load_student, score
+from tasks.benchmark_sampling import Row, load_student
+from tasks.benchmark_scores import frechet_distance, score
 from tasks.evaluator import load_evaluator, require
 from tasks.generate import student_samples
 from tasks.registry import run_stage

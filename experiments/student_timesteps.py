@@ -4,7 +4,7 @@ import argparse
 from pathlib import Path
 
 import models.scheduler as S
-from tasks.evaluate import frechet_distance
+from tasks.benchmark_scores import frechet_distance
 from tasks.evaluator import accuracy, load_evaluator
 from tasks.generate import load_student_pipe, student_samples
 from tlcm import render as R

@@ -5,6 +5,7 @@ and the Prefect tasks all call it through :func:`tasks.registry.run_stage`.
 Besides the stage modules, the package holds what stages share and nothing in :mod:`tlcm` may import:
 ``registry`` (running a stage: lock, identity, records), ``distill`` (the loop of ``lcm_baseline``,
 ``mlcd`` and ``ilcd``), ``finetune`` (the student set-up of ``mps`` and ``dmgan``), and the parts of
-``evaluate``: ``generate`` (sampling; also ``tlcm generate``), ``suite`` (the Table 1 metrics) and
+``evaluate``: ``benchmark_sampling`` (the reference, baseline and student rows, sampled), ``benchmark_scores``
+(the judge's columns), ``generate`` (sampling; also ``tlcm generate``), ``suite`` (the Table 1 metrics) and
 ``applications`` (img2img, inpainting and ControlNet rows).
 """
