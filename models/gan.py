@@ -76,18 +76,38 @@ def discriminator_logits(unet, head: DiscriminatorHead, z: torch.Tensor, t: torc
     return head(unet_encoder_features(unet, z, t, c), text_summary(c))
 
 
-def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """Critic loss: non-saturating (−log D(real) − log(1 − D(fake))) or hinge."""
-    if kind == "hinge":
-        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+def d_nonsaturating(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Critic loss −log D(real) − log(1 − D(fake)) (D = σ(logit))."""
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
-def g_loss(fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
-    """Generator side of Eq. 13: non-saturating −log D(fake), or hinge −D(fake)."""
-    if kind == "hinge":
-        return -fake_logits.mean()
+def g_nonsaturating(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Generator side of Eq. 13, non-saturating: −log D(fake)."""
     return F.softplus(-fake_logits).mean()
+
+
+def d_hinge(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge critic loss: max(0, 1 − D(real)) + max(0, 1 + D(fake)) on the logits."""
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def g_hinge(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Generator side of Eq. 13, hinge: −D(fake) on the logit."""
+    return -fake_logits.mean()
+
+
+# ``dmgan.gan_loss`` → (critic loss, generator loss)
+GAN_LOSSES = {"nonsaturating": (d_nonsaturating, g_nonsaturating), "hinge": (d_hinge, g_hinge)}
+
+
+def d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, name: str) -> torch.Tensor:
+    """The critic loss of the GAN loss ``name`` (:data:`GAN_LOSSES`)."""
+    return GAN_LOSSES[name][0](real_logits, fake_logits)
+
+
+def g_loss(fake_logits: torch.Tensor, name: str) -> torch.Tensor:
+    """The generator loss of the GAN loss ``name`` (:data:`GAN_LOSSES`)."""
+    return GAN_LOSSES[name][1](fake_logits)
 
 
 def accuracy(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[float, float]:
