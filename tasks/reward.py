@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import numpy as np
 import torch
@@ -41,35 +42,53 @@ from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop
 
 log = logging.getLogger("tlcm")
 
-ALIGNMENT_KINDS: tuple[str, ...] = ("colour", "shape", "size", "position", "background")
 CENTERING_WEIGHT = 0.01
 TEXT_NEGATIVES = 3  # one-attribute-off captions per training image in the listwise term
 ALIGNMENT_CONDITIONS = [CONDITIONS.index("overall"), CONDITIONS.index("alignment")]
 
 
-def alternatives(spec: W.Spec, kind: str) -> list[W.Spec]:
-    """Every spec that differs from ``spec`` in exactly one attribute of ``kind`` (a valid
-    spec of the grammar: two objects never look the same)."""
+def _recoloured_or_reshaped(spec: W.Spec, field: str, values) -> list[W.Spec]:
+    """Every spec with one object's ``field`` (colour or shape) changed, no two objects looking the same."""
     objs, out = spec.objects, []
-    if kind in ("colour", "shape"):
-        values = tuple(W.COLOURS) if kind == "colour" else W.SHAPES
-        field = "colour" if kind == "colour" else "shape"
-        for i, o in enumerate(objs):
-            for v in values:
-                new = replace(o, **{field: v})
-                others = [(q.colour, q.shape) for j, q in enumerate(objs) if j != i]
-                if v != getattr(o, field) and (new.colour, new.shape) not in others:
-                    out.append(replace(spec, objects=objs[:i] + (new,) + objs[i + 1:]))
-    elif kind == "size" and len(objs) == 1:
-        out = [replace(spec, objects=(replace(objs[0], size=s),)) for s in ("small", "large") if s != objs[0].size]
-    elif kind == "position":
-        if len(objs) == 1:
-            out = [replace(spec, position=p) for p in W.POSITIONS if p != spec.position]
-        else:
-            out = [replace(spec, relation=r) for r in W.RELATIONS if r != spec.relation]
-    elif kind == "background":
-        out = [replace(spec, bg=b) for b in W.BACKGROUNDS if b != spec.bg]
+    for i, o in enumerate(objs):
+        for v in values:
+            new = replace(o, **{field: v})
+            others = [(q.colour, q.shape) for j, q in enumerate(objs) if j != i]
+            if v != getattr(o, field) and (new.colour, new.shape) not in others:
+                out.append(replace(spec, objects=objs[:i] + (new,) + objs[i + 1:]))
     return out
+
+
+def _resized(spec: W.Spec) -> list[W.Spec]:
+    """A one-object spec with the other size (two-object captions name no size)."""
+    objs = spec.objects
+    if len(objs) != 1:
+        return []
+    return [replace(spec, objects=(replace(objs[0], size=s),)) for s in ("small", "large") if s != objs[0].size]
+
+
+def _moved(spec: W.Spec) -> list[W.Spec]:
+    """Another position (one object) or another relation (two objects)."""
+    if len(spec.objects) == 1:
+        return [replace(spec, position=p) for p in W.POSITIONS if p != spec.position]
+    return [replace(spec, relation=r) for r in W.RELATIONS if r != spec.relation]
+
+
+# what an alignment pair changes -> every spec that differs from a spec in exactly that
+ALTERNATIVES: dict[str, Callable[[W.Spec], list[W.Spec]]] = {
+    "colour": lambda spec: _recoloured_or_reshaped(spec, "colour", tuple(W.COLOURS)),
+    "shape": lambda spec: _recoloured_or_reshaped(spec, "shape", W.SHAPES),
+    "size": _resized,
+    "position": _moved,
+    "background": lambda spec: [replace(spec, bg=b) for b in W.BACKGROUNDS if b != spec.bg],
+}
+ALIGNMENT_KINDS: tuple[str, ...] = tuple(ALTERNATIVES)
+
+
+def alternatives(spec: W.Spec, kind: str) -> list[W.Spec]:
+    """Every spec that differs from ``spec`` in exactly one attribute of ``kind`` (:data:`ALTERNATIVES`; a valid
+    spec of the grammar: two objects never look the same)."""
+    return ALTERNATIVES[kind](spec)
 
 
 def misalign(spec: W.Spec, rng: np.random.Generator, train_only: bool) -> tuple[str, W.Spec]:
