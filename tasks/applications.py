@@ -25,6 +25,8 @@ largest difference of their final latents from the benchmark sampler's.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ from models.sampling import sample_with_scheduler, unet_evals
 from models.scheduler import TLCMScheduler, tlcm_timesteps
 from tasks.evaluator import aligned, labels_tensor
 from tasks.generate import decode, load_student_pipe, model_and_noise
+from tasks.register import SHIPPED_STAGE
 from tlcm import render as R
 from tlcm import world as W
 from tlcm.params import Params
@@ -44,7 +47,6 @@ from tlcm.teacher_io import frozen_dtype, load_for_sampling, resolve_teacher
 
 log = logging.getLogger("tlcm")
 
-SHIPPED = "dmgan"
 STOCK_STEPS = 4
 
 
@@ -89,25 +91,68 @@ def _run(pipe, prompts, bs: int, seed: int, **kw) -> np.ndarray:
     return np.concatenate(out)
 
 
-def application_images(kind: str, pipe, prompts, x, steps: int, w: float, bs: int, seed: int, a, controlnet=None):
-    """Images of one application (``img2img``, ``inpaint``, ``controlnet``) through its diffusers pipeline."""
-    from diffusers import (StableDiffusionXLControlNetPipeline, StableDiffusionXLImg2ImgPipeline,
-                           StableDiffusionXLInpaintPipeline)
+def img2img_images(pipe, prompts, x, steps: int, w: float, bs: int, seed: int, a, controlnet=None) -> np.ndarray:
+    """``StableDiffusionXLImg2ImgPipeline`` at ``img2img_strength`` from the renders ``x``; the student (w = 1) gets
+    the ``num_inference_steps`` that make it run ``steps`` steps, the teacher runs the end of a ``steps`` schedule."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    n = steps if w != 1.0 else img2img_inference_steps(steps, a.img2img_strength)
+    p = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe, dtype=pipe.dtype)
+    return _run(p, prompts, bs, seed, image=x, strength=a.img2img_strength, num_inference_steps=n, guidance_scale=w)
+
+
+def inpaint_images(pipe, prompts, x, steps: int, w: float, bs: int, seed: int, a, controlnet=None) -> np.ndarray:
+    """``StableDiffusionXLInpaintPipeline`` repainting the right half of the renders ``x`` (strength 1)."""
+    from diffusers import StableDiffusionXLInpaintPipeline
 
     side = x.shape[-1]
-    if kind == "img2img":
-        n = steps if w != 1.0 else img2img_inference_steps(steps, a.img2img_strength)
-        p = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe, dtype=pipe.dtype)
-        return _run(p, prompts, bs, seed, image=x, strength=a.img2img_strength, num_inference_steps=n, guidance_scale=w)
-    if kind == "inpaint":
-        mask = torch.zeros(len(prompts), 1, side, side)
-        mask[..., side // 2:] = 1.0  # repaint the right half
-        p = StableDiffusionXLInpaintPipeline.from_pipe(pipe, dtype=pipe.dtype)
-        return _run(p, prompts, bs, seed, image=x, mask_image=mask, strength=1.0, num_inference_steps=steps,
-                    guidance_scale=w, height=side, width=side)
+    mask = torch.zeros(len(prompts), 1, side, side)
+    mask[..., side // 2:] = 1.0
+    p = StableDiffusionXLInpaintPipeline.from_pipe(pipe, dtype=pipe.dtype)
+    return _run(p, prompts, bs, seed, image=x, mask_image=mask, strength=1.0, num_inference_steps=steps,
+                guidance_scale=w, height=side, width=side)
+
+
+def controlnet_images(pipe, prompts, x, steps: int, w: float, bs: int, seed: int, a, controlnet=None) -> np.ndarray:
+    """``StableDiffusionXLControlNetPipeline`` with the edge maps of the renders ``x`` as the control."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    side = x.shape[-1]
     p = StableDiffusionXLControlNetPipeline.from_pipe(pipe, controlnet=controlnet, dtype=pipe.dtype)
     return _run(p, prompts, bs, seed, image=edge_map(x), controlnet_conditioning_scale=a.controlnet_scale,
                 num_inference_steps=steps, guidance_scale=w, height=side, width=side)
+
+
+def without_control(student, prompts, label: str, a, e) -> list[tuple]:
+    """The same student without the ControlNet (what the control adds)."""
+    from tasks.generate import student_samples
+
+    return [(f"controlnet: {label}, no ControlNet", n, 1.0,
+             student_samples(student, prompts, n, e.seed, e.batch_size, student.scheduler).images) for n in a.steps]
+
+
+@dataclass(frozen=True)
+class Application:
+    """One §A.2 application: ``images(pipe, prompts, x, steps, w, bs, seed, a, controlnet)`` through its diffusers
+    pipeline; ``steps_run(n, w, a)``, the denoising steps a run at ``n`` steps takes; ``columns(net, images, x,
+    specs)``, its own columns; ``more_runs(student, prompts, label, a, e)``, rows beside the student's and the
+    teacher's."""
+    images: Callable[..., np.ndarray]
+    steps_run: Callable[[int, float, object], int] = lambda n, w, a: n
+    columns: Callable[..., dict] = lambda net, images, x, specs: {}
+    more_runs: Callable[..., list] = lambda student, prompts, label, a, e: []
+    needs_controlnet: bool = False
+
+
+APPLICATIONS: dict[str, Application] = {
+    # the teacher (w != 1) runs the last img2img_strength of its schedule; the student its own steps
+    "img2img": Application(img2img_images, lambda n, w, a: int(n * a.img2img_strength) if w != 1.0 else n,
+                           lambda net, images, x, specs: {"layout_kept": agreement(net, images, x, specs)["layout"]}),
+    "inpaint": Application(inpaint_images),
+    "controlnet": Application(controlnet_images,
+                              columns=lambda net, images, x, specs: {"edge_iou": edge_iou(images, edge_map(x))},
+                              more_runs=without_control, needs_controlnet=True),
+}
 
 
 @torch.no_grad()
@@ -152,7 +197,7 @@ def benchmark_rows(params: Params, paths: Paths, net, specs: list[W.Spec]) -> li
     """Every application row and the stock-path rows, with the last student stage the benchmark evaluates
     (the shipped LoRA in a full run); empty when ``applications.enabled`` is false or no student is evaluated."""
     a, e = params.applications, params.evaluate
-    stage = SHIPPED if SHIPPED in e.student_stages else (e.student_stages[-1] if e.student_stages else None)
+    stage = SHIPPED_STAGE if SHIPPED_STAGE in e.student_stages else (e.student_stages[-1] if e.student_stages else None)
     if not a.enabled or stage is None:
         log.info("applications: skipped (%s)", "applications.enabled is false" if not a.enabled
                  else "evaluate.student_stages is empty")
@@ -172,30 +217,23 @@ def benchmark_rows(params: Params, paths: Paths, net, specs: list[W.Spec]) -> li
                                                   clip_sample=False)
     has_cn = (paths.controlnet / "config.json").is_file()
     cn = ControlNetModel.from_pretrained(paths.controlnet).to(teacher.device, dtype).eval() if has_cn else None
-    for kind in ("img2img", "inpaint") + (("controlnet",) if has_cn else ()):
-        log.info("applications: %s, teacher %d steps and TLCM %s steps, %d prompts", kind, a.teacher_steps,
+    for name, app in APPLICATIONS.items():
+        if app.needs_controlnet and cn is None:
+            continue
+        log.info("applications: %s, teacher %d steps and TLCM %s steps, %d prompts", name, a.teacher_steps,
                  list(a.steps), len(prompts))
-        ref = application_images(kind, teacher, prompts, x, a.teacher_steps, e.guidance_scale, e.batch_size, e.seed, a, cn)
-        runs = [(f"{kind}: teacher DDIM + CFG", a.teacher_steps, e.guidance_scale, ref)]
-        runs += [(f"{kind}: {label}", n, 1.0, application_images(kind, student, prompts, x, n, 1.0, e.batch_size,
-                                                                   e.seed, a, cn)) for n in a.steps]
-        if kind == "controlnet":  # the same student without the control
-            from tasks.generate import student_samples
-
-            runs += [(f"controlnet: {label}, no ControlNet", n, 1.0,
-                      student_samples(student, prompts, n, e.seed, e.batch_size, student.scheduler).images)
-                     for n in a.steps]
+        ref = app.images(teacher, prompts, x, a.teacher_steps, e.guidance_scale, e.batch_size, e.seed, a, cn)
+        runs = [(f"{name}: teacher DDIM + CFG", a.teacher_steps, e.guidance_scale, ref)]
+        runs += [(f"{name}: {label}", n, 1.0, app.images(student, prompts, x, n, 1.0, e.batch_size, e.seed, a, cn))
+                 for n in a.steps]
+        runs += app.more_runs(student, prompts, label, a, e)
         ref_t = R.to_unit_tensor(ref)
         for method, n, w, imgs in runs:
             t = R.to_unit_tensor(imgs)
-            run_steps = int(n * a.img2img_strength) if kind == "img2img" and w != 1.0 else n
-            row = {"method": method, "kind": "application", "steps": run_steps, "guidance": w,
-                   "unet_evals": unet_evals(run_steps, w),
-                   "alignment": aligned(net, t, specs).float().mean().item(),
-                   "agree_teacher": agreement(net, t, ref_t, specs)["all"], "real_images_used": 0}
-            if kind == "img2img":
-                row["layout_kept"] = agreement(net, t, x, specs)["layout"]
-            if kind == "controlnet":
-                row["edge_iou"] = edge_iou(t, edge_map(x))
-            rows.append(row)
+            run_steps = app.steps_run(n, w, a)
+            rows.append({"method": method, "kind": "application", "steps": run_steps, "guidance": w,
+                         "unet_evals": unet_evals(run_steps, w),
+                         "alignment": aligned(net, t, specs).float().mean().item(),
+                         "agree_teacher": agreement(net, t, ref_t, specs)["all"], "real_images_used": 0,
+                         **app.columns(net, t, x, specs)})
     return rows

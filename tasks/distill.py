@@ -187,8 +187,8 @@ def setup_student(params: Params, paths: Paths, stage: str, init_from: str | Non
         fresh_student(pipe, section.rank, section.seed)
     else:
         load_lora_into(pipe.unet, paths.lora(init_from))
-    return student_of(pipe, make_distance(section, params, paths), train_prompts(params, paths), str(params.teacher.source),
-                      segments)
+    distance, prompts = make_distance(section, params, paths), train_prompts(params, paths)
+    return student_of(pipe, distance, prompts, str(params.teacher.source), segments)
 
 
 def distill(params: Params, paths: Paths, stage: str, algorithm: Callable[[Student, ConsistencyParams], Batches],
