@@ -7,6 +7,7 @@ one-process runs with 1 and 2 torch threads (float32 summation order).
 """
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -72,11 +73,20 @@ def _params_file(smoke_params, path, steps: int):
     return path
 
 
+def _own(tmp_path_factory, name, source, drop=()):
+    """A private artifacts folder: a copy-on-write copy (conftest.cow_copy) of ``source`` without the top-level
+    entries ``drop``. Stages run in it; ``source`` (a session fixture) is never written and no test sees another's
+    outputs."""
+    from conftest import cow_copy
+
+    paths = cow_copy(source, tmp_path_factory.mktemp(name) / "artifacts")
+    for d in drop:
+        shutil.rmtree(paths.root / d, ignore_errors=True)
+    return paths.root
+
+
 def _root(tmp_path_factory, name, smoke_artifacts):
-    root = tmp_path_factory.mktemp(name)
-    for d in ("world", "teacher"):
-        (root / d).symlink_to(getattr(smoke_artifacts, d))
-    return root
+    return _own(tmp_path_factory, name, smoke_artifacts)
 
 
 def test_two_processes_match_one_process_and_resume(smoke_artifacts, smoke_params, tmp_path_factory, tmp_path):
@@ -137,13 +147,7 @@ def test_buffer_and_quick_eval_on_two_processes(smoke_artifacts, smoke_params, t
                      buffer_trajectories=8, buffer_refresh=2, eval_every=2, eval_prompts=4)
     f = tmp_path / "params.yaml"
     f.write_text(yaml.safe_dump(d, sort_keys=False))
-    roots = []
-    for name in ("buffer_one", "buffer_two"):
-        root = tmp_path_factory.mktemp(name)
-        for sub in ("world", "teacher", "evaluator"):
-            (root / sub).symlink_to(getattr(smoke_artifacts, sub))
-        roots.append(Paths(root))
-    one, two = roots
+    one, two = (Paths(_own(tmp_path_factory, name, smoke_artifacts)) for name in ("buffer_one", "buffer_two"))
     run_stage("mlcd", load_params(f), one)
     r = run_cli("stage", "mlcd", "--params", str(f), "--artifacts", str(two.root), "--num-processes", "2", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -182,23 +186,20 @@ OTHER_TOL = 0.25 * LR
 
 
 @pytest.fixture(scope="module")
-def technique_inputs(student_chain, smoke_params):
-    """The chain up to `mps`'s inputs (reward) and `dmgan`'s (a `mps` LoRA)."""
+def technique_inputs(student_chain, smoke_params, tmp_path_factory):
+    """This module's own copy (copy-on-write) of ``student_chain`` with a `mps` LoRA trained in it: the inputs of
+    `mps` (the iLCD LoRA, the reward model: both in the chain) and of `dmgan` (the `mps` LoRA)."""
+    from conftest import cow_copy
     from tasks.registry import run_stage
 
-    for name in ("reward", "mps"):
-        if not (student_chain.metrics / f"{name}.json").is_file():
-            run_stage(name, smoke_params, student_chain)
-    return student_chain
+    paths = cow_copy(student_chain, tmp_path_factory.mktemp("technique") / "artifacts")
+    run_stage("mps", smoke_params, paths)
+    return paths
 
 
 def _stage_root(tmp_path_factory, name, chain, out: str):
-    """A fresh artifacts folder that sees every input of ``chain`` (symlinks) but none of the stage's own files."""
-    root = tmp_path_factory.mktemp(name)
-    for d in chain.root.iterdir():
-        if d.name not in (out, "checkpoints", "metrics") and not d.name.startswith("."):
-            (root / d.name).symlink_to(d)
-    return root
+    """A private artifacts folder with every input of ``chain`` but none of the stage's own files."""
+    return _own(tmp_path_factory, name, chain, drop=(out, "checkpoints", "metrics"))
 
 
 def _sample_gap(chain, one, two, init) -> float:
