@@ -86,23 +86,49 @@ def sample_t_ilcd(ms: list[int], n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.tensor(ms)[torch.randint(1, len(ms), (n,), generator=gen)]
 
 
+def sample_t_uniform(ms: list[int], n: int, gen: torch.Generator) -> torch.Tensor:
+    """t_m of ``n`` stage-2 samples over the entire range, ``t_m ~ U{1, …, t_step^M}`` (Table 2's L_lcd2, the
+    ablation of iLCD's milestones). One draw per sample from ``gen`` (CPU)."""
+    return torch.randint(1, ms[-1] + 1, (n,), generator=gen)
+
+
+def one_segment_below(t_m: torch.Tensor, ms: list[int]) -> torch.Tensor:
+    """L_lcd2's t_n: one segment length ``T/M`` below t_m, at least 0, so the pair crosses milestones
+    (inter-segment consistency of f_θ over the whole range, Table 2 / §5.3)."""
+    return (t_m - (ms[-1] + 1) // (len(ms) - 1)).clamp(min=0)
+
+
+# Table 2's stage-2 rows: how t_m is drawn and where the teacher's p steps end (t_n).
+STAGE2_TIMESTEPS = {"milestones": (sample_t_ilcd, lower_milestone),  # L_ilcd2 (Alg. 2)
+                    "uniform": (sample_t_uniform, one_segment_below)}  # L_lcd2
+
+
 def mds_steps(segment: torch.Tensor, M: int) -> torch.Tensor:
     """Multistep denoising strategy (Alg. 1): L = M − s teacher steps to reach t_m in segment s."""
     return M - segment
 
 
+def single_step(segment: torch.Tensor, M: int) -> torch.Tensor:
+    """Table 2's L_mlcd-s: z_{t_m} from ε by one teacher CFG-DDIM step, whatever the segment (no MDS)."""
+    return torch.ones_like(segment)
+
+
+# How Alg. 1 reaches z_{t_m} from z_T = ε (``mlcd.mds``): the paper's MDS, or its single-step ablation.
+DENOISING = {"multi": mds_steps, "single": single_step}
+
+
 def mlcd_pair(teacher: Denoiser, eps: torch.Tensor, t_m: torch.Tensor, skip: int, c: Cond, w: float, ms: list[int],
-              T_start: int = 999) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              T_start: int = 999, denoising=mds_steps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Algorithm 1's teacher side: (z_{t_m}, z_{t_n}, t_n, t_step^s).
 
-    z_{t_m}: L = M − s CFG-DDIM steps from z_T = ε (MDS). z_{t_n}: one CFG-DDIM step of ``skip``
+    z_{t_m}: L = M − s CFG-DDIM steps from z_T = ε (MDS; ``denoising`` = :func:`single_step` for L_mlcd-s). z_{t_n}: one CFG-DDIM step of ``skip``
     (Eq. 8). Boundary: if t_n would reach or pass the segment's lower milestone, t_n is clamped
     to it, so the target g_θ(z_{t_n}, t_n, t_step^s) is the solver state z_{t_step^s} itself.
     """
     M = len(ms) - 1
     seg = segment_of(t_m, ms)
     t_s = torch.tensor(ms, device=t_m.device)[seg]
-    z_tm = teacher_ddim_path(teacher, eps, torch.full_like(t_m, T_start), t_m, mds_steps(seg, M), c, w)
+    z_tm = teacher_ddim_path(teacher, eps, torch.full_like(t_m, T_start), t_m, denoising(seg, M), c, w)
     t_n = torch.maximum(t_m - skip, t_s)
     z_tn = teacher_ddim_path(teacher, z_tm, t_m, t_n, 1, c, w)
     return z_tm, z_tn, t_n, t_s
@@ -140,20 +166,22 @@ def ilcd_inputs(student: Denoiser, eps: torch.Tensor, noise: torch.Tensor, t_m: 
 
 
 def ilcd_target(student: Denoiser, teacher: Denoiser, z_tm: torch.Tensor, t_m: torch.Tensor, p: int, c: Cond, w: float,
-                ms: list[int]) -> torch.Tensor:
-    """Eq. 10's target (no grad): ẑ_{t_n} by p teacher CFG-DDIM steps over one segment, then nograd f_θ(ẑ_{t_n})."""
+                ms: list[int], t_n: torch.Tensor | None = None) -> torch.Tensor:
+    """Eq. 10's target (no grad): ẑ_{t_n} by p teacher CFG-DDIM steps over one segment (to t_n = the lower
+    milestone of t_m unless given: :func:`one_segment_below` for L_lcd2), then nograd f_θ(ẑ_{t_n})."""
     with torch.no_grad():
-        t_n = lower_milestone(t_m, ms)
+        t_n = lower_milestone(t_m, ms) if t_n is None else t_n
         z_tn = teacher_ddim_path(teacher, z_tm, t_m, t_n, p, c, w)
         return f_theta_x0(student, z_tn, t_n, c)
 
 
 def ilcd_terms(student: Denoiser, teacher: Denoiser, eps: torch.Tensor, noise: torch.Tensor, t_m: torch.Tensor, q: int,
-               p: int, c: Cond, w: float, ms: list[int], distance) -> dict[str, torch.Tensor]:
+               p: int, c: Cond, w: float, ms: list[int], distance, t_n: torch.Tensor | None = None
+               ) -> dict[str, torch.Tensor]:
     """Algorithm 2 / Eq. 10: ẑ_{t_m} = FD(nograd ẑ_0, t_m) (Eq. 9); ẑ_{t_n} by p teacher CFG-DDIM steps over
     one segment; loss d(f_θ(ẑ_{t_m}), nograd f_θ(ẑ_{t_n})) on x̂_0, f at t = 0 the identity."""
     _, z_tm = ilcd_inputs(student, eps, noise, t_m, q, c)
-    target = ilcd_target(student, teacher, z_tm, t_m, p, c, w, ms)
+    target = ilcd_target(student, teacher, z_tm, t_m, p, c, w, ms, t_n)
     pred = f_theta_x0(student, z_tm, t_m, c)
     return {"consistency": distance(pred, target)}
 

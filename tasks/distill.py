@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from models.denoiser import Cond, Denoiser, encode_prompts
 from models.lora import STUDENT, FrozenTeacher, add_lora, lora_parameters
 from models.tlcm import milestones
+from tasks.student_eval import QuickEval, final_eval_block, judged
 from tlcm import distributed as D
 from tlcm.evalcount import UNetCounter
 from tlcm.lora_io import AdapterState, load_lora_into, save_lora
@@ -45,41 +46,6 @@ def make_distance(p: ConsistencyParams, params: Params, paths: Paths) -> Callabl
 
     net = load_latent_lpips(params, paths).to(D.device())
     return lambda x, y: net(x, y).mean()
-
-
-class QuickEval:
-    """Periodic small evaluation (the consistency loss says little about progress, DESIGN §6):
-    alignment accuracy of few-step samples on held-out prompts, judged by the evaluator."""
-
-    def __init__(self, params: Params, paths: Paths, pipe, stage: str, n_prompts: int, steps: tuple[int, ...] = (2, 4)):
-        from diffusers import LCMScheduler
-
-        from models.scheduler import TLCMScheduler
-        from tasks.evaluator import load_evaluator
-        from tasks.world import read_prompts
-
-        self.pipe, self.stage, self.steps = pipe, stage, steps
-        self.specs = read_prompts(paths, "eval")[:n_prompts]
-        self.net = load_evaluator(params, paths)
-        cls = LCMScheduler if params.section(stage).num_segments == 1 else TLCMScheduler
-        self.scheduler = cls.from_config(pipe.scheduler.config)
-        self.history: list[dict] = []
-
-    @torch.no_grad()
-    def __call__(self, step: int) -> dict:
-        from tasks.evaluator import accuracy
-        from tasks.generate import student_samples
-        from tlcm import tracking
-        from tlcm import render as R
-
-        out: dict = {"step": step}
-        for n in self.steps:
-            s = student_samples(self.pipe, [x.caption() for x in self.specs], n, 0, 64, self.scheduler)
-            out[f"eval_alignment_{n}step"] = accuracy(self.net, R.to_unit_tensor(s.images), self.specs)["all"]
-        self.history.append(out)
-        tracking.log_step(self.stage, step, {k: v for k, v in out.items() if k != "step"})
-        log.info("%s: step %d quick eval %s", self.stage, step, {k: round(v, 3) for k, v in out.items() if k != "step"})
-        return out
 
 
 def train_prompts(params: Params, paths: Paths) -> list[str]:
@@ -209,8 +175,7 @@ def distill(params: Params, paths: Paths, stage: str, algorithm: Callable[[Stude
     batches = algorithm(s, p)
     opt = torch.optim.AdamW(s.trainable, lr=p.lr, weight_decay=0.0)
     quick = None
-    if (p.eval_every and D.is_main() and params.teacher.source.trained
-            and (paths.evaluator / "model.safetensors").is_file()):
+    if p.eval_every and judged(params, paths):
         quick = QuickEval(params, paths, pipe, stage, p.eval_prompts)
     train_step = make_step(s, batches, opt, stage, params.teacher)
 
@@ -225,6 +190,7 @@ def distill(params: Params, paths: Paths, stage: str, algorithm: Callable[[Stude
         res = run_loop(stage, p.steps, step_fn, state, ckpt, p.checkpoint_every, max_minutes=p.max_minutes)
     if quick is not None:
         quick(res.steps_done)
+    final = final_eval_block(params, paths, pipe, stage)
     trained = (res.steps_done - res.resumed_from) * p.batch_size
     teacher_evals = D.mean_over_processes({"n": float(counter.rows("teacher"))})["n"] * world
     info = {"stage": stage, "kind": batches.name, "init_from": init_from, "teacher": str(params.teacher.source),
@@ -233,7 +199,7 @@ def distill(params: Params, paths: Paths, stage: str, algorithm: Callable[[Stude
     metrics = {"steps": res.steps_done, "train_seconds": res.seconds, **D.compute_record(),
                "final_consistency": res.history[-1]["consistency"] if res.history else None,
                "teacher_unet_evals_per_sample": teacher_evals / trained if trained else None,
-               "quick_evals": quick.history if quick is not None else [], **batches.record()}
+               "quick_evals": quick.history if quick is not None else [], **batches.record(), **final}
     if D.is_main():
         save_lora(paths.lora(stage), pipe.unet, info)
         atomic_write_json(paths.metrics / f"{stage}.json", metrics)

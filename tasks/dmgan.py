@@ -29,6 +29,7 @@ from models.lora import STUDENT, adapter_active, adapters_disabled, add_lora, lo
 from models.tlcm import f_theta_x0, ilcd_target
 from tasks.distill import Student, autocast_steps, setup_student
 from tasks.finetune import M_SEGMENTS, draw_randint, draw_randn, eq9_batch, passthrough, save_student
+from tasks.student_eval import final_eval_block
 from tlcm import distributed as D
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
@@ -210,4 +211,5 @@ def run(params: Params, paths: Paths) -> dict:
     s.unet.set_adapter(STUDENT)
     return save_student(s, paths, "dmgan", {"init_from": INIT_FROM, "params": p.model_dump(mode="json")},
                         {"steps": res.steps_done, "train_seconds": res.seconds, "collapse_steps": watch.collapses,
-                         "first": res.history[0] if res.history else {}, "last": res.history[-1] if res.history else {}})
+                         "first": res.history[0] if res.history else {}, "last": res.history[-1] if res.history else {},
+                         **final_eval_block(params, paths, s.pipe, "dmgan")})

@@ -1,7 +1,7 @@
 """Stage `mlcd`: data-free multistep latent consistency distillation (paper §4.1, Algorithm 1, Eq. 7–8).
 
 Its batch: t_m uniform within a random segment (:func:`models.tlcm.sample_t_mlcd`); z_{t_m} from z_T = ε by the
-multistep denoising strategy with the CFG teacher and z_{t_n} one CFG-DDIM step of ``skip`` below it
+multistep denoising strategy with the CFG teacher (``mds: single``: one step, Table 2's L_mlcd-s) and z_{t_n} one CFG-DDIM step of ``skip`` below it
 (:func:`models.tlcm.mlcd_pair`, ``teacher_path: mds``), or the same pairs read from the teacher-trajectory buffer
 (``teacher_path: buffer``, :mod:`tasks.teacher_buffer`); loss d(g_θ(z_{t_m}), nograd g_θ(z_{t_n})) (Eq. 7).
 `lcm_baseline` trains on the same batches with one segment.
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from models.denoiser import encode_prompts
-from models.tlcm import mlcd_pair, mlcd_terms, sample_t_mlcd
+from models.tlcm import DENOISING, mlcd_pair, mlcd_terms, sample_t_mlcd
 from tasks.distill import Batches, Student, distill, prompts_and_noise
 from tasks.teacher_buffer import BufferRule, TeacherBuffer
 from tlcm import distributed as D
@@ -30,7 +30,8 @@ def mds_batch(s: Student, p: MlcdParams, step: int) -> dict[str, torch.Tensor]:
     cond, eps = prompts_and_noise(s, p.batch_size, gen)
     t_m = sample_t_mlcd(s.ms, p.batch_size, gen)
     eps, t_m = D.shard(eps).to(D.device()), D.shard(t_m).to(D.device())
-    z_tm, z_tn, t_n, t_s = mlcd_pair(s.teacher, eps, t_m, p.skip, cond, p.guidance_scale, s.ms)
+    z_tm, z_tn, t_n, t_s = mlcd_pair(s.teacher, eps, t_m, p.skip, cond, p.guidance_scale, s.ms,
+                                     denoising=DENOISING[p.mds])
     return mlcd_terms(s.student, z_tm, z_tn, t_m, t_n, t_s, cond, s.distance)
 
 

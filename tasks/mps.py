@@ -21,6 +21,7 @@ from models.preference import irrelevant_prompts, mps_terms
 from models.tlcm import f_theta_x0, ilcd_target
 from tasks.distill import Student, autocast_steps, setup_student
 from tasks.finetune import M_SEGMENTS, eq9_batch, passthrough, save_student
+from tasks.student_eval import final_eval_block
 from tlcm import distributed as D
 from tlcm.lora_io import AdapterState
 from tlcm.paths import Paths
@@ -96,4 +97,5 @@ def run(params: Params, paths: Paths) -> dict:
     last = res.history[-1] if res.history else {}
     return save_student(s, paths, "mps", {"init_from": INIT_FROM, "params": p.model_dump(mode="json"), "s0": s0},
                         {"steps": res.steps_done, "train_seconds": res.seconds, "s0": s0,
-                         "first": res.history[0] if res.history else {}, "last": last})
+                         "first": res.history[0] if res.history else {}, "last": last,
+                         **final_eval_block(params, paths, s.pipe, "mps")})

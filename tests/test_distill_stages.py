@@ -42,6 +42,9 @@ def test_stages_publish_loadable_loras_and_metrics(distilled):
         assert meta["real_images_used"] == 0 and meta["rank"] == meta["lora_alpha"] == rank
         m = json.loads((paths.metrics / f"{stage}.json").read_text())
         assert m["steps"] == params.section(stage).steps and m["final_consistency"] >= 0
+        fe = m["final_eval"]  # the end-of-training evaluation the ablation table reads
+        assert fe["n_prompts"] == params.section(stage).final_eval_prompts
+        assert all(0 <= fe[f"alignment_{n}step"] <= 1 and fe[f"frechet_{n}step"] >= 0 for n in (2, 4))
         saved = load_file(str(paths.lora(stage) / "pytorch_lora_weights.safetensors"))
         pipe.load_lora_weights(paths.lora(stage), adapter_name=stage)
         placed = [n for n, _ in pipe.unet.named_parameters() if f".{stage}." in n and "lora_" in n]
@@ -83,6 +86,30 @@ def load_file_of(folder):
     from safetensors.torch import load_file
 
     return load_file(str(folder / "pytorch_lora_weights.safetensors"))
+
+
+def test_table2_ablation_switches_change_what_is_trained(distilled, tmp_path):
+    """`mlcd.mds=single` (L_mlcd-s) and `ilcd.timesteps=uniform` (L_lcd2) train other LoRAs than the defaults from the
+    same seeds (the switch reaches the batches), and a switch the buffer cannot serve is refused naming the key."""
+    from conftest import cow_copy
+    from pydantic import ValidationError
+    from safetensors.torch import load_file
+
+    from tasks.registry import run_stage
+
+    params, paths = distilled
+    ablated = cow_copy(paths, tmp_path / "artifacts")
+    upd = {"mlcd": params.mlcd.model_copy(update={"mds": "single"}),
+           "ilcd": params.ilcd.model_copy(update={"timesteps": "uniform"})}
+    for stage in ("mlcd", "ilcd"):
+        run_stage(stage, params.model_copy(update=upd), ablated)
+        a, b = (load_file(str(p.lora(stage) / "pytorch_lora_weights.safetensors")) for p in (paths, ablated))
+        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), stage
+        assert json.loads((ablated.lora(stage) / "tlcm_lora.json").read_text())["params"][
+            "mds" if stage == "mlcd" else "timesteps"] == ("single" if stage == "mlcd" else "uniform")
+    with pytest.raises(ValidationError, match="mds.*teacher_path"):
+        type(params.mlcd).model_validate({**params.mlcd.model_dump(), "mds": "single", "teacher_path": "buffer",
+                                          "buffer_trajectories": params.mlcd.batch_size})
 
 
 def test_evaluate_adds_student_rows(distilled):

@@ -7,8 +7,9 @@ import torch
 from models.denoiser import Cond, Denoiser
 from models.diffusion import alphas_cumprod_scaled_linear, ddim_step, q_sample, x0_from_eps
 from models.scheduler import TLCMScheduler, tlcm_timesteps
-from models.tlcm import (f_theta_x0, g_theta, ilcd_terms, lower_milestone, mds_steps, milestones, mlcd_pair,
-                         sample_t_ilcd, sample_t_mlcd,
+from models.tlcm import (DENOISING, STAGE2_TIMESTEPS, f_theta_x0, g_theta, ilcd_terms, lower_milestone, mds_steps,
+                         milestones, mlcd_pair, one_segment_below, sample_t_ilcd, sample_t_mlcd, sample_t_uniform,
+                         single_step,
                          mlcd_terms, segment_of, student_sample_x0, teacher_ddim_path)
 
 pytestmark = pytest.mark.math
@@ -178,3 +179,31 @@ def test_scheduler_step_ddim_mode_and_last_step_returns_x0():
     assert torch.allclose(prev, ddim_step(z, eps, torch.tensor([999]), torch.tensor([499]), AC), atol=1e-5)
     last = s.step(eps, 499, z)
     assert torch.allclose(last.prev_sample, last.denoised)
+
+
+def test_table2_ablation_switches_single_step_denoising_and_whole_range_timesteps():
+    """L_mlcd-s reaches z_{t_m} from ε in one teacher step whatever the segment; L_lcd2 draws t_m over the whole range
+    and takes t_n one segment (T/M = 125) below it, crossing milestones; the defaults are the paper's Alg. 1 and 2."""
+    ms = milestones(8)
+    seg = segment_of(torch.tensor([10, 130, 700, 999]), ms)
+    assert DENOISING["multi"] is mds_steps and single_step(seg, 8).tolist() == [1, 1, 1, 1]
+    assert STAGE2_TIMESTEPS["milestones"] == (sample_t_ilcd, lower_milestone)
+    t = sample_t_uniform(ms, 100_000, torch.Generator().manual_seed(0))
+    assert t.min() == 1 and t.max() == 999 and len(t.unique()) == 999  # every timestep, never 0
+    assert one_segment_below(torch.tensor([999, 700, 130, 100]), ms).tolist() == [874, 575, 5, 0]
+
+    teacher, c = Denoiser(ToyUNet(), AC), cond()
+    eps, t_m = torch.randn(2, 4, 2, 2), torch.tensor([130, 700])
+    z_tm = mlcd_pair(teacher, eps, t_m, 20, c, 1.0, ms, denoising=single_step)[0]
+    one = ddim_step(eps, 0.5 * eps + 0.1, torch.tensor([999, 999]), t_m, AC)  # one CFG-DDIM jump 999 → t_m
+    assert torch.allclose(z_tm, one.float(), atol=1e-5)
+    assert not torch.allclose(mlcd_pair(teacher, eps, t_m, 20, c, 1.0, ms)[0], z_tm, atol=1e-3)  # MDS differs
+
+    student = Denoiser(ToyUNet(a=0.2), AC)
+    e1, noise = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    seen = {}
+    ilcd_terms(student, teacher, e1, noise, torch.tensor([300]), 4, 1, cond(1), 1.0, ms,
+               lambda x, y: seen.setdefault("pair", (x, y)) and ((x - y) ** 2).mean(), t_n=torch.tensor([175]))
+    z_tm = q_sample(student_sample_x0(student, e1, 4, cond(1)), noise, torch.tensor([300]), AC)
+    z_tn = ddim_step(z_tm, 0.5 * z_tm + 0.1, torch.tensor([300]), torch.tensor([175]), AC)  # p = 1 step to t_n
+    assert torch.allclose(seen["pair"][1], x0_from_eps(z_tn, 0.2 * z_tn + 0.1, torch.tensor([175]), AC).float(), atol=1e-5)

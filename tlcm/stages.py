@@ -62,7 +62,7 @@ def _training(name: str, params: tuple[str, ...], inputs: tuple[str, ...], outs:
 
 
 _TEACHER_USE = ("teacher.source", "teacher.dtype", "teacher.gradient_checkpointing")  # tlcm/teacher_io.py
-_LORA_PARAMS = (*_TEACHER_USE, "prompts", "evaluator", "world")  # evaluator, world: the periodic quick evaluation
+_LORA_PARAMS = (*_TEACHER_USE, "prompts", "evaluator", "world")  # evaluator, world: the quick and final evaluations
 _LORA_INPUTS = ("world", "teacher", "latent_lpips", "evaluator")
 LORA_STAGES = ("lcm_baseline", "mlcd", "ilcd", "mps", "dmgan")
 
@@ -87,9 +87,9 @@ STAGES: tuple[Stage, ...] = (
               "data-free multistep latent consistency distillation (Alg. 1)"),
     _training("ilcd", ("ilcd", *_LORA_PARAMS), (*_LORA_INPUTS, "lora_mlcd"), ("lora_ilcd",),
               "improved data-free LCD across the milestones (Alg. 2)"),
-    _training("mps", ("mps", *_TEACHER_USE, "prompts", "reward"), ("world", "teacher", "latent_lpips", "reward", "lora_ilcd"),
+    _training("mps", ("mps", *_LORA_PARAMS, "reward"), ("world", "teacher", "latent_lpips", "evaluator", "reward", "lora_ilcd"),
               ("lora_mps",), "MPS preference optimisation (Eq. 11)"),
-    _training("dmgan", ("dmgan", *_TEACHER_USE, "prompts"), ("world", "teacher", "latent_lpips", "lora_mps"),
+    _training("dmgan", ("dmgan", *_LORA_PARAMS), (*_LORA_INPUTS, "lora_mps"),
               ("lora_dmgan",), "distribution matching + adversarial loss (Eq. 12-13); the shipped LoRA"),
     Stage("evaluate", ("evaluate", "applications", "world", "evaluator", "teacher.source", "teacher.dtype", "mps.condition",
                        "reward", "suite"),

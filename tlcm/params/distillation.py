@@ -28,6 +28,8 @@ class ConsistencyParams(Section):
     lr: float = Field(1e-4, gt=0)
     eval_every: int = Field(200, ge=0, description="small evaluation every N steps (0 = off); the loss says little")
     eval_prompts: int = Field(64, gt=0)
+    final_eval_prompts: int = Field(256, ge=0, description="end-of-training evaluation (metrics final_eval: alignment "
+                                                           "± s.e. and Fréchet at 2 and 4 steps) on this many held-out prompts; 0 = off")
     checkpoint_every: int = Field(100, gt=0)
     max_minutes: float = Field(0.0, ge=0)
 
@@ -36,6 +38,9 @@ class IlcdParams(ConsistencyParams):
     """`ilcd` (Alg. 2): continues `mlcd`'s LoRA (its rank is that LoRA's); inputs from the student, no skip or buffer."""
     teacher_steps_p: int = Field(3, gt=0, description="p teacher DDIM steps over one segment")
     student_steps_q: int = Field(4, gt=0, description="q student steps that make ẑ0")
+    timesteps: Literal["milestones", "uniform"] = Field(
+        "milestones", description="'milestones' = Alg. 2 (t_m a milestone, t_n the one below: L_ilcd2); 'uniform' = "
+                                  "Table 2's L_lcd2 ablation (t_m over the whole range, t_n one segment below)")
 
 
 class MlcdParams(ConsistencyParams):
@@ -48,6 +53,9 @@ class MlcdParams(ConsistencyParams):
     buffer_trajectories: int = Field(64, gt=0, description="teacher trajectories per buffer chunk (global; a multiple "
                                                            "of batch_size)")
     buffer_refresh: int = Field(100, gt=0, description="training steps per buffer chunk (then the next is generated)")
+    mds: Literal["multi", "single"] = Field(
+        "multi", description="how z_{t_m} is reached from noise: 'multi' = the multistep denoising strategy (Alg. 1); "
+                             "'single' = one teacher step (Table 2's L_mlcd-s ablation; teacher_path mds only)")
 
     @field_validator("skip")
     @classmethod
@@ -60,6 +68,8 @@ class MlcdParams(ConsistencyParams):
 
     @model_validator(mode="after")
     def _buffer_fits(self) -> "MlcdParams":
+        if self.teacher_path == "buffer" and self.mds != "multi":
+            raise ValueError(f"mds: {self.mds!r} needs teacher_path: mds (the buffer stores MDS trajectories)")
         if self.teacher_path == "buffer" and self.buffer_trajectories % self.batch_size:
             raise ValueError(f"buffer_trajectories ({self.buffer_trajectories}) must be a multiple of batch_size "
                              f"({self.batch_size}): trajectory i serves row i mod batch_size")
@@ -81,6 +91,8 @@ class TechniqueParams(Section):
     lr: float = Field(1e-5, gt=0)
     checkpoint_every: int = Field(50, gt=0)
     max_minutes: float = Field(0.0, ge=0)
+    final_eval_prompts: int = Field(256, ge=0, description="end-of-training evaluation (metrics final_eval: alignment "
+                                                           "± s.e. and Fréchet at 2 and 4 steps) on this many held-out prompts; 0 = off")
 
 
 class MpsParams(TechniqueParams):
