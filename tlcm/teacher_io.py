@@ -4,12 +4,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
-from tlcm.params import Source
 from tlcm.storage import ArtifactError
+
+if TYPE_CHECKING:  # tlcm.params needs pydantic; the GPU check imports this module without it
+    from tlcm.params import Source
 
 log = logging.getLogger("tlcm")
 
