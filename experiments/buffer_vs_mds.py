@@ -20,10 +20,10 @@ from tasks.evaluator import load_evaluator, require
 from tasks.generate import student_samples
 from tasks.registry import run_stage
 from tasks.world import read_prompts
-from tlcm import render as R
-from tlcm.params import load_params
-from tlcm.paths import Paths
-from tlcm.teacher_io import frozen_dtype, resolve_teacher
+from tlcm.shapes import render as R
+from tlcm.core.params import load_params
+from tlcm.core.paths import Paths
+from tlcm.loaders.teacher_io import frozen_dtype, resolve_teacher
 
 ap = argparse.ArgumentParser(description=__doc__)
 ap.add_argument("--params", default="params.yaml")

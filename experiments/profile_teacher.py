@@ -21,9 +21,9 @@ from diffusers.training_utils import EMAModel
 from models.denoiser import Denoiser, encode_prompts
 from models.diffusion import q_sample
 from tasks.teacher import build_pipeline
-from tlcm import render as R
-from tlcm.params import load_params
-from tlcm.paths import Paths
+from tlcm.shapes import render as R
+from tlcm.core.params import load_params
+from tlcm.core.paths import Paths
 
 
 def timed(fn):

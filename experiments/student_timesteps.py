@@ -7,10 +7,10 @@ import models.scheduler as S
 from tasks.benchmark_scores import frechet_distance
 from tasks.evaluator import accuracy, load_evaluator
 from tasks.generate import load_student_pipe, student_samples
-from tlcm import render as R
-from tlcm.params import load_params
-from tlcm.paths import Paths
-from tlcm.world_io import read_prompts
+from tlcm.shapes import render as R
+from tlcm.core.params import load_params
+from tlcm.core.paths import Paths
+from tlcm.loaders.world_io import read_prompts
 
 TABLES = [(2, (0, 4)), (3, (0, 4, 7)), (3, (0, 3, 6)), (3, (0, 2, 5)), (3, (0, 3, 5)), (3, (0, 2, 4)),
           (4, (0, 2, 4, 7)), (4, (0, 2, 4, 6)), (8, (0, 1, 2, 3, 4, 5, 6, 7))]

@@ -6,8 +6,8 @@ from pathlib import Path
 from diffusers import StableDiffusionXLPipeline
 
 import tasks.teacher as T
-from tlcm.params import load_params
-from tlcm.paths import Paths
+from tlcm.core.params import load_params
+from tlcm.core.paths import Paths
 
 ap = argparse.ArgumentParser(description=__doc__)
 ap.add_argument("--steps", type=int, default=1000)

@@ -15,10 +15,10 @@ from diffusers.training_utils import EMAModel
 
 from models.caption_head import CaptionHead
 from tasks.teacher import build_pipeline
-from tlcm import world as W
-from tlcm.params import load_params
-from tlcm.paths import Paths
-from tlcm.identity import checkpointer
+from tlcm.shapes import world as W
+from tlcm.core.params import load_params
+from tlcm.core.paths import Paths
+from tlcm.core.identity import checkpointer
 
 
 def main() -> None:

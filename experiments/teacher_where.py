@@ -6,11 +6,11 @@ import torch
 
 from tasks.evaluator import aligned, load_evaluator
 from tasks.generate import teacher_ddim
-from tlcm import render as R
-from tlcm.params import load_params
-from tlcm.paths import Paths
-from tlcm.teacher_io import load_teacher
-from tlcm.world_io import read_prompts
+from tlcm.shapes import render as R
+from tlcm.core.params import load_params
+from tlcm.core.paths import Paths
+from tlcm.loaders.teacher_io import load_teacher
+from tlcm.loaders.world_io import read_prompts
 
 ap = argparse.ArgumentParser(description=__doc__)
 ap.add_argument("--teacher", default=None, help="teacher folder (default: artifacts/teacher)")

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from models.denoiser import encode_prompts
-from tlcm import world as W
-from tlcm.teacher_io import load_teacher
+from tlcm.shapes import world as W
+from tlcm.loaders.teacher_io import load_teacher
 
 ap = argparse.ArgumentParser(description=__doc__)
 ap.add_argument("--teacher", default="artifacts/teacher")

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tlcm import render as R
-from tlcm import world as W
+from tlcm.shapes import render as R
+from tlcm.shapes import world as W
 
 OLD_COMMIT = "fa79dbc"
 

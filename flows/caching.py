@@ -1,6 +1,6 @@
 """Result caching of the stage tasks across flow runs, keyed on the stage identity.
 
-A stage's cache key comes from :func:`tlcm.identity.stage_identity`: the resolved values of the
+A stage's cache key comes from :func:`tlcm.core.identity.stage_identity`: the resolved values of the
 params it declares, the content of the input artifacts it declares and of its code (its import
 closure), the same things ``dvc.yaml`` lists for it and its checkpoints are keyed on. So a
 rerun with unchanged inputs is a cache hit and trains nothing, exactly when ``dvc repro`` (and
@@ -18,10 +18,10 @@ import hashlib
 import logging
 from pathlib import Path
 
-from tlcm import identity
-from tlcm.params import Params, load_params
-from tlcm.paths import Paths
-from tlcm.storage import atomic_write_json
+from tlcm.core import identity
+from tlcm.core.params import Params, load_params
+from tlcm.core.paths import Paths
+from tlcm.core.storage import atomic_write_json
 
 log = logging.getLogger("tlcm")
 

@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 from tasks.register import PromotionRefused
-from tlcm.locks import StageBusy
-from tlcm.params import ParamsError, load_params
-from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, disk_error_message
-from tlcm.tracking import TrackingError
-from tlcm.training import NonFiniteLoss
+from tlcm.core.locks import StageBusy
+from tlcm.core.params import ParamsError, load_params
+from tlcm.core.paths import Paths
+from tlcm.core.storage import ArtifactError, disk_error_message
+from tlcm.tracking.runs import TrackingError
+from tlcm.core.training import NonFiniteLoss
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -36,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from tlcm.stages import NAMES
+    from tlcm.core.stages import NAMES
 
     ap = argparse.ArgumentParser(prog="tlcm", description="TLCM: data-free distillation of a latent diffusion model "
                                  "into a few-step LoRA (arXiv 2406.05768).")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "samples the student with TLCMScheduler, CFG off")
     g.add_argument("--out", default="samples.png")
 
-    dv = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations (tlcm/stages.py) and the code")
+    dv = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage declarations (tlcm/core/stages.py) and the code")
     _common(dv)
     dv.add_argument("--check", action="store_true", help="write nothing; exit 1 if dvc.yaml differs from the declarations")
 
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--headroom", type=float, default=0.10, help="fraction of the 80 GiB kept free (default 0.10)")
     pl.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="SDXL weights/activations")
 
-    from tlcm.check_gpu import add_arguments
+    from tools.check_gpu import add_arguments
 
     cg = sub.add_parser("check-gpu", help="the GPU acceptance check (smoke pipeline, SDXL-architecture stages, 1024² "
                         "sampling, bf16 vs float32) -> JSON; on a machine without CUDA it says so and exits 0")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     log = logging.getLogger("tlcm")
     if args.cmd == "check-gpu":
-        from tlcm.check_gpu import run
+        from tools.check_gpu import run
 
         return run(args)
     try:
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(params.model_dump(mode="json"), indent=2))
         elif args.cmd == "stage":
             from tasks.registry import run_stage
-            from tlcm.distributed import launched
-            from tlcm.launch import launch_or_join
-            from tlcm.locks import stage_lock
+            from tlcm.core.distributed import launched
+            from tlcm.core.launch import launch_or_join
+            from tlcm.core.locks import stage_lock
 
             launcher = args.num_processes > 1 and not launched()  # it holds the lock for the processes it starts
             with stage_lock(paths.root, args.name) if launcher else contextlib.nullcontext():
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
             run_stage(args.name, params, paths)
         elif args.cmd == "run":
             from tasks.registry import run_if_changed
-            from tlcm import tracking
-            from tlcm.preflight import require_assets
-            from tlcm.stages import NAMES
+            from tlcm.tracking import runs as tracking
+            from tools.preflight import require_assets
+            from tlcm.core.stages import NAMES
 
             require_assets(params)  # missing external assets fail here, in seconds, all named at once
             with tracking.pipeline_run(params, paths, tags={"tlcm.entry": "tlcm run"}):
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     if name == args.until:
                         break
         elif args.cmd == "dvc-yaml":
-            from tlcm import dvc_yaml
+            from tlcm.core import dvc_yaml
 
             if args.check:
                 if dvc_yaml.differs():
@@ -163,19 +163,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{res.model_name} version {res.version} -> champion" + (" (forced past failing gates)" if res.forced else ""))
         elif args.cmd == "export":
             from tasks.register import final_artifact
-            from tlcm.export import export
-            from tlcm.teacher_io import resolve_teacher
+            from tools.export import export
+            from tlcm.loaders.teacher_io import resolve_teacher
 
             teacher = args.teacher or resolve_teacher(params.teacher.source, paths.teacher)
             print(export(args.source or str(final_artifact(paths)), args.format, Path(args.out), teacher))
         elif args.cmd == "convert-mps":
-            from tlcm.reward_io import convert_mps
+            from tlcm.loaders.reward_io import convert_mps
 
             print(convert_mps(args.checkpoint, args.out, args.trust_pickled, args.tokenizer))
         elif args.cmd == "plan":
             import torch
 
-            from tlcm.plan import markdown_tables, mini_plan, sdxl_plan
+            from tools.plan import markdown_tables, mini_plan, sdxl_plan
 
             plans = []
             if args.only != "mini":

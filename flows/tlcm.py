@@ -1,4 +1,4 @@
-"""Prefect flow ``tlcm``: one task per stage, in the order of ``tlcm.stages.STAGES``.
+"""Prefect flow ``tlcm``: one task per stage, in the order of ``tlcm.core.stages.STAGES``.
 
 Orchestration only. Every task calls ``tasks.registry.run_stage``, the same entry point as
 DVC's ``tlcm stage <name>``. Tasks retry transient failures (not bad params, missing or
@@ -24,14 +24,14 @@ from prefect.runtime import flow_run
 
 from flows import caching
 from tasks.registry import run_stage_on_worker
-from tlcm import stages as S
-from tlcm import tracking
-from tlcm.locks import StageBusy
-from tlcm.mlflow_store import TrackingError
-from tlcm.params import ParamsError, load_params
-from tlcm.paths import Paths
-from tlcm.storage import ArtifactError
-from tlcm.training import NonFiniteLoss
+from tlcm.core import stages as S
+from tlcm.tracking import runs as tracking
+from tlcm.core.locks import StageBusy
+from tlcm.tracking.mlflow_store import TrackingError
+from tlcm.core.params import ParamsError, load_params
+from tlcm.core.paths import Paths
+from tlcm.core.storage import ArtifactError
+from tlcm.core.training import NonFiniteLoss
 
 PERMANENT_ERRORS: tuple[type[BaseException], ...] = (ParamsError, ArtifactError, NonFiniteLoss, TrackingError,
                                                      StageBusy, KeyError)

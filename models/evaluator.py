@@ -4,7 +4,7 @@ One small CNN with a shared trunk and one head per label space. Its
 flattened trunk output is the feature space of the Fréchet distance (the FID
 analogue); its prompted heads give the alignment accuracy (the CLIP-score analogue).
 Nuisance heads learn what the caption leaves open (rotation, fill, background texture,
-distractors; :data:`tlcm.render.NUISANCE_SPACES`): never part of alignment, they make the
+distractors; :data:`tlcm.shapes.render.NUISANCE_SPACES`): never part of alignment, they make the
 features, and so the Fréchet distance, see whether those details are drawn or blurred away.
 The trunk keeps the 4×4 spatial map (no global pooling) so that position and
 relation stay recognisable.

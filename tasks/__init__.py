@@ -1,5 +1,5 @@
 """The pipeline's stages: ``tasks/<stage>.py`` exposes ``run(params, paths) -> dict`` for each stage that
-:mod:`tlcm.stages` declares (the one list of stages, in pipeline order); DVC (``tlcm stage``), ``tlcm run``
+:mod:`tlcm.core.stages` declares (the one list of stages, in pipeline order); DVC (``tlcm stage``), ``tlcm run``
 and the Prefect tasks all call it through :func:`tasks.registry.run_stage`.
 
 Besides the stage modules, the package holds what stages share and nothing in :mod:`tlcm` may import:

@@ -39,11 +39,11 @@ from models.scheduler import TLCMScheduler, tlcm_timesteps
 from tasks.evaluator import aligned, labels_tensor
 from tasks.generate import decode, load_student_pipe, model_and_noise
 from tasks.register import SHIPPED_STAGE
-from tlcm import render as R
-from tlcm import world as W
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.teacher_io import frozen_dtype, load_for_sampling, resolve_teacher
+from tlcm.shapes import render as R
+from tlcm.shapes import world as W
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.loaders.teacher_io import frozen_dtype, load_for_sampling, resolve_teacher
 
 log = logging.getLogger("tlcm")
 

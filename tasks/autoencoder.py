@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from models.sdxl_shaped import build_vae
-from tlcm import distributed as D
-from tlcm import render as R
-from tlcm.identity import checkpointer
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.storage import atomic_dir, atomic_write_json
-from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
+from tlcm.core import distributed as D
+from tlcm.shapes import render as R
+from tlcm.core.identity import checkpointer
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.core.storage import atomic_dir, atomic_write_json
+from tlcm.core.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 

@@ -1,7 +1,7 @@
 """Stage `bapps`: the 2AFC triplets the latent LPIPS learns from (TLCM §4.3; BAPPS, Zhang et al. 2018).
 
 ``bapps.source: synthetic`` (default) writes a shapes-world BAPPS in the real
-BAPPS layout to ``<artifacts>/bapps`` (see :mod:`tlcm.synthetic_bapps`); any other value
+BAPPS layout to ``<artifacts>/bapps`` (see :mod:`tlcm.shapes.synthetic_bapps`); any other value
 is the root of a real BAPPS copy, whose 2AFC layout is checked (nothing is
 copied).
 """
@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import time
 
-from tlcm.bapps_io import SPLITS, bapps_root, summarize
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.storage import atomic_write_json
-from tlcm.synthetic_bapps import SYNTHETIC_SET, write_synthetic
+from tlcm.loaders.bapps_io import SPLITS, bapps_root, summarize
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.core.storage import atomic_write_json
+from tlcm.shapes.synthetic_bapps import SYNTHETIC_SET, write_synthetic
 
 log = logging.getLogger("tlcm")
 

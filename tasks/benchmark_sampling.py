@@ -13,11 +13,11 @@ from models.sampling import BASELINE_SAMPLERS, baseline_scheduler
 from tasks.benchmark_scores import frechet_distance
 from tasks.evaluator import accuracy
 from tasks.generate import Samples, student_samples, teacher_ddim
-from tlcm import render as R
-from tlcm import world as W
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.teacher_io import frozen_dtype, load_for_sampling, resolve_teacher
+from tlcm.shapes import render as R
+from tlcm.shapes import world as W
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.loaders.teacher_io import frozen_dtype, load_for_sampling, resolve_teacher
 
 log = logging.getLogger("tlcm")
 

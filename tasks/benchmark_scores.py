@@ -11,11 +11,11 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from models.evaluator import FeatureExtractor
 from tasks.evaluator import accuracy, mirror_swapped
-from tlcm import render as R
-from tlcm import world as W
-from tlcm.benchmark_report import standard_error
-from tlcm.params import Params
-from tlcm.paths import Paths
+from tlcm.shapes import render as R
+from tlcm.shapes import world as W
+from tlcm.report.benchmark_report import standard_error
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
 
 if TYPE_CHECKING:
     from tasks.benchmark_sampling import Row

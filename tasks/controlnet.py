@@ -21,14 +21,14 @@ import torch.nn.functional as F
 from models.controlnet import build_controlnet, controlled_eps, edge_map
 from models.denoiser import Denoiser, encode_prompts
 from models.diffusion import q_sample
-from tlcm import distributed as D
-from tlcm import render as R
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.identity import checkpointer
-from tlcm.storage import atomic_dir, atomic_write_json
-from tlcm.teacher_io import load_frozen_teacher
-from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
+from tlcm.core import distributed as D
+from tlcm.shapes import render as R
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.core.identity import checkpointer
+from tlcm.core.storage import atomic_dir, atomic_write_json
+from tlcm.loaders.teacher_io import load_frozen_teacher
+from tlcm.core.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 

@@ -19,16 +19,16 @@ from models.denoiser import Cond, Denoiser, encode_prompts
 from models.lora import STUDENT, FrozenTeacher, add_lora, lora_parameters
 from models.tlcm import milestones
 from tasks.student_eval import QuickEval, final_eval_block, judged
-from tlcm import distributed as D
-from tlcm.evalcount import UNetCounter
-from tlcm.lora_io import AdapterState, load_lora_into, save_lora
-from tlcm.paths import Paths
-from tlcm.storage import atomic_write_json
-from tlcm.teacher_io import autocast, float32_, load_frozen_teacher
-from tlcm.training import ensure_finite, optimizer_step, run_loop
+from tlcm.core import distributed as D
+from tlcm.core.evalcount import UNetCounter
+from tlcm.loaders.lora_io import AdapterState, load_lora_into, save_lora
+from tlcm.core.paths import Paths
+from tlcm.core.storage import atomic_write_json
+from tlcm.loaders.teacher_io import autocast, float32_, load_frozen_teacher
+from tlcm.core.training import ensure_finite, optimizer_step, run_loop
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
-    from tlcm.params import ConsistencyParams, Params
+    from tlcm.core.params import ConsistencyParams, Params
 
 log = logging.getLogger("tlcm")
 
@@ -50,7 +50,7 @@ def make_distance(p: ConsistencyParams, params: Params, paths: Paths) -> Callabl
 
 def train_prompts(params: Params, paths: Paths) -> list[str]:
     """The data-free stages' only data: ``params.prompts`` (the world's train prompts, or a caption file)."""
-    from tlcm.prompt_sources import read_prompts
+    from tlcm.loaders.prompt_sources import read_prompts
 
     return read_prompts(params, paths)
 
@@ -163,10 +163,10 @@ def distill(params: Params, paths: Paths, stage: str, algorithm: Callable[[Stude
     ``paths.lora(stage)``.
 
     ``init_from``: the stage whose LoRA to continue (iLCD continues MLCD's); None = a fresh LoRA.
-    Under ``accelerate launch`` (:mod:`tlcm.distributed`) each process trains on its shard of the
+    Under ``accelerate launch`` (:mod:`tlcm.core.distributed`) each process trains on its shard of the
     global batch, gradients are averaged, and the main process writes the checkpoints and the LoRA.
     """
-    from tlcm.identity import checkpointer  # needs pydantic: the rigs import this module without it
+    from tlcm.core.identity import checkpointer  # needs pydantic: the rigs import this module without it
 
     p: ConsistencyParams = params.section(stage)
     world = D.world_size()

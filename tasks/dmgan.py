@@ -30,14 +30,14 @@ from models.tlcm import f_theta_x0, ilcd_target
 from tasks.distill import Student, autocast_steps, setup_student
 from tasks.finetune import M_SEGMENTS, draw_randint, draw_randn, eq9_batch, passthrough, save_student
 from tasks.student_eval import final_eval_block
-from tlcm import distributed as D
-from tlcm.lora_io import AdapterState
-from tlcm.paths import Paths
-from tlcm.teacher_io import float32_
-from tlcm.training import ensure_finite, optimizer_step, run_loop, step_generator
+from tlcm.core import distributed as D
+from tlcm.loaders.lora_io import AdapterState
+from tlcm.core.paths import Paths
+from tlcm.loaders.teacher_io import float32_
+from tlcm.core.training import ensure_finite, optimizer_step, run_loop, step_generator
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
-    from tlcm.params import DmganParams, Params
+    from tlcm.core.params import DmganParams, Params
 
 log = logging.getLogger("tlcm")
 INIT_FROM = "mps"
@@ -195,7 +195,7 @@ def run(params: Params, paths: Paths) -> dict:
     p = params.dmgan
     if not p.enabled or (p.dm_weight == 0 and p.gan_weight == 0 and p.consistency_weight == 0):
         return passthrough(paths, "dmgan", INIT_FROM)
-    from tlcm.identity import checkpointer  # needs pydantic: the rigs import this module without it
+    from tlcm.core.identity import checkpointer  # needs pydantic: the rigs import this module without it
 
     s = setup_student(params, paths, "dmgan", INIT_FROM, M_SEGMENTS)
     critics = Critics(s, p, text_dim_of(s.unet))

@@ -28,14 +28,14 @@ from tasks.applications import benchmark_rows
 from tasks.benchmark_sampling import Row, sample_rows, shipped_label, student_rows
 from tasks.benchmark_scores import frechet_distance, reward_scores, score, seed_spread
 from tasks.evaluator import accuracy, load_evaluator, require
-from tlcm import render as R
-from tlcm.benchmark_report import markdown, summary_markdown
-from tlcm.grids import save_grid
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.stages import LORA_STAGES, upstream
-from tlcm.storage import atomic_dir, atomic_write_json
-from tlcm.world_io import read_prompts
+from tlcm.shapes import render as R
+from tlcm.report.benchmark_report import markdown, summary_markdown
+from tlcm.report.grids import save_grid
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.core.stages import LORA_STAGES, upstream
+from tlcm.core.storage import atomic_dir, atomic_write_json
+from tlcm.loaders.world_io import read_prompts
 
 log = logging.getLogger("tlcm")
 

@@ -15,14 +15,14 @@ import torch
 import torch.nn.functional as F
 
 from models.evaluator import AttributeNet, applicable, attribute_correct, classification_loss
-from tlcm import distributed as D
-from tlcm import render as R
-from tlcm import world as W
-from tlcm.identity import checkpointer
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, save_tensors
-from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
+from tlcm.core import distributed as D
+from tlcm.shapes import render as R
+from tlcm.shapes import world as W
+from tlcm.core.identity import checkpointer
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.core.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, save_tensors
+from tlcm.core.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 

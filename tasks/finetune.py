@@ -3,7 +3,7 @@ earlier stage's LoRA, the Eq. 9 batch, the ablation pass-through, and the save.
 
 Same conventions as :mod:`tasks.distill`: one UNet in memory (teacher = adapters off), the
 unified ``student`` LoRA continued from ``init_from``, data-free (prompts and noise only), and the
-multi-process contract of :mod:`tlcm.distributed`: every random draw of a step is made for the
+multi-process contract of :mod:`tlcm.core.distributed`: every random draw of a step is made for the
 GLOBAL batch on every process (:func:`draw_randn`, :func:`draw_randint`) and each process keeps its
 shard, so N processes give the one-process result.
 """
@@ -20,13 +20,13 @@ import torch
 from models.denoiser import Cond, encode_prompts
 from models.tlcm import ilcd_inputs, sample_t_ilcd
 from tasks.distill import Student
-from tlcm import distributed as D
-from tlcm.lora_io import save_lora
-from tlcm.paths import Paths
-from tlcm.storage import atomic_dir, atomic_write_json
+from tlcm.core import distributed as D
+from tlcm.loaders.lora_io import save_lora
+from tlcm.core.paths import Paths
+from tlcm.core.storage import atomic_dir, atomic_write_json
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
-    from tlcm.params import Params
+    from tlcm.core.params import Params
 
 log = logging.getLogger("tlcm")
 M_SEGMENTS = 8  # the technique stages' milestones (TLCM's M)

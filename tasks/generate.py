@@ -10,11 +10,11 @@ import torch
 
 from models.denoiser import Denoiser, encode_prompts
 from models.sampling import sample_ddim, sample_with_scheduler, trailing_timesteps, unet_evals
-from tlcm.grids import save_grid
-from tlcm.lora_io import resolve_lora
-from tlcm.params import T_TRAIN, TLCM_MAX_STEPS, Params, ParamsError
-from tlcm.paths import Paths
-from tlcm.teacher_io import decode_latents, frozen_dtype, load_for_sampling, resolve_teacher
+from tlcm.report.grids import save_grid
+from tlcm.loaders.lora_io import resolve_lora
+from tlcm.core.params import T_TRAIN, TLCM_MAX_STEPS, Params, ParamsError
+from tlcm.core.paths import Paths
+from tlcm.loaders.teacher_io import decode_latents, frozen_dtype, load_for_sampling, resolve_teacher
 
 
 @dataclass
@@ -82,7 +82,7 @@ def load_student_pipe(teacher: str, lora: str | Path, scheduler: str = "tlcm", d
     from diffusers import LCMScheduler
 
     from models.scheduler import TLCMScheduler
-    from tlcm.storage import ArtifactError
+    from tlcm.core.storage import ArtifactError
 
     folder = resolve_lora(str(lora))
     if not (folder / "pytorch_lora_weights.safetensors").is_file():

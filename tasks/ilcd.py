@@ -12,12 +12,12 @@ import torch
 
 from models.tlcm import STAGE2_TIMESTEPS, ilcd_terms
 from tasks.distill import Batches, Student, distill, prompts_and_noise
-from tlcm import distributed as D
-from tlcm.paths import Paths
-from tlcm.training import step_generator
+from tlcm.core import distributed as D
+from tlcm.core.paths import Paths
+from tlcm.core.training import step_generator
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
-    from tlcm.params import IlcdParams, Params
+    from tlcm.core.params import IlcdParams, Params
 
 
 def ilcd_batch(s: Student, p: IlcdParams, step: int) -> dict[str, torch.Tensor]:

@@ -23,15 +23,15 @@ import torch
 from diffusers import AutoencoderKL
 
 from models.latent_lpips import LatentLPIPS, RankingHead, ranking_loss, two_afc_score
-from tlcm import distributed as D
-from tlcm.bapps_io import Triplets, bapps_root, load_2afc
-from tlcm.identity import checkpointer
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
-from tlcm.render import to_unit_tensor
-from tlcm.synthetic_bapps import oracle_distance
-from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
+from tlcm.core import distributed as D
+from tlcm.loaders.bapps_io import Triplets, bapps_root, load_2afc
+from tlcm.core.identity import checkpointer
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.core.storage import ArtifactError, atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors
+from tlcm.shapes.render import to_unit_tensor
+from tlcm.shapes.synthetic_bapps import oracle_distance
+from tlcm.core.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING
 
 from tasks.distill import distill
 from tasks.mlcd import batches
-from tlcm.paths import Paths
+from tlcm.core.paths import Paths
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
-    from tlcm.params import Params
+    from tlcm.core.params import Params
 
 
 def run(params: Params, paths: Paths) -> dict:

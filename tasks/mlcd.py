@@ -16,12 +16,12 @@ from models.denoiser import encode_prompts
 from models.tlcm import DENOISING, mlcd_pair, mlcd_terms, sample_t_mlcd
 from tasks.distill import Batches, Student, distill, prompts_and_noise
 from tasks.teacher_buffer import BufferRule, TeacherBuffer
-from tlcm import distributed as D
-from tlcm.paths import Paths
-from tlcm.training import step_generator
+from tlcm.core import distributed as D
+from tlcm.core.paths import Paths
+from tlcm.core.training import step_generator
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
-    from tlcm.params import MlcdParams, Params
+    from tlcm.core.params import MlcdParams, Params
 
 
 def mds_batch(s: Student, p: MlcdParams, step: int) -> dict[str, torch.Tensor]:

@@ -22,14 +22,14 @@ from models.tlcm import f_theta_x0, ilcd_target
 from tasks.distill import Student, autocast_steps, setup_student
 from tasks.finetune import M_SEGMENTS, eq9_batch, passthrough, save_student
 from tasks.student_eval import final_eval_block
-from tlcm import distributed as D
-from tlcm.lora_io import AdapterState
-from tlcm.paths import Paths
-from tlcm.teacher_io import decode_latents, frozen_dtype, upcast_vae
-from tlcm.training import ensure_finite, optimizer_step, run_loop, step_generator
+from tlcm.core import distributed as D
+from tlcm.loaders.lora_io import AdapterState
+from tlcm.core.paths import Paths
+from tlcm.loaders.teacher_io import decode_latents, frozen_dtype, upcast_vae
+from tlcm.core.training import ensure_finite, optimizer_step, run_loop, step_generator
 
 if TYPE_CHECKING:  # the params classes need pydantic; these modules run without it (tlcm check-gpu)
-    from tlcm.params import MpsParams, Params
+    from tlcm.core.params import MpsParams, Params
 
 log = logging.getLogger("tlcm")
 INIT_FROM = "ilcd"
@@ -82,7 +82,7 @@ def run(params: Params, paths: Paths) -> dict:
     if not p.enabled:
         return passthrough(paths, "mps", INIT_FROM)
     from tasks.reward import load_reward
-    from tlcm.identity import checkpointer  # needs pydantic: the rigs import this module without it
+    from tlcm.core.identity import checkpointer  # needs pydantic: the rigs import this module without it
 
     s = setup_student(params, paths, "mps", INIT_FROM, M_SEGMENTS)
     scorer = load_reward(params, paths).to(D.device(), frozen_dtype(params.teacher))  # frozen: teacher.dtype

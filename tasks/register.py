@@ -1,6 +1,6 @@
 """Stage ``register``: the pipeline's final artifact becomes a registered MLflow model version.
 
-The version is an MLflow Model (``pyfunc``, :mod:`tlcm.packaging`): ``mlflow.pyfunc.load_model`` and
+The version is an MLflow Model (``pyfunc``, :mod:`tlcm.tracking.packaging`): ``mlflow.pyfunc.load_model`` and
 ``mlflow models serve`` sample it with the TLCMScheduler (CFG off, the gate's step count) from prompts.
 Each completed run adds a version of ``register.model_name`` with a model card (its
 description and ``model/README.md``) and the alias ``candidate``. ``champion`` is set only by
@@ -21,14 +21,14 @@ from pathlib import Path
 
 import yaml
 
-from tlcm import mlflow_store as store
-from tlcm.model_registry import register_directory
-from tlcm.packaging import example_prompt, save_pyfunc
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.provenance import file_sha256, git_commit, tree_sha256
-from tlcm.storage import ArtifactError, atomic_write_json, read_json
-from tlcm.store_preflight import preflight
+from tlcm.tracking import mlflow_store as store
+from tlcm.tracking.model_registry import register_directory
+from tlcm.tracking.packaging import example_prompt, save_pyfunc
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.core.provenance import file_sha256, git_commit, tree_sha256
+from tlcm.core.storage import ArtifactError, atomic_write_json, read_json
+from tlcm.tracking.store_preflight import preflight
 
 log = logging.getLogger("tlcm")
 
@@ -59,7 +59,7 @@ def _fmt(v) -> str:
 
 def model_card(params: Params, paths: Paths, bench: dict, artifact_sha: str | None) -> str:
     """Markdown: what the model is, how it was made (every stage's params), how good it is."""
-    from tlcm.stages import NAMES
+    from tlcm.core.stages import NAMES
 
     data = params.model_dump(mode="json")
     teacher = params.teacher.source

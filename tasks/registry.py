@@ -1,6 +1,6 @@
 """The single entry point that DVC (``tlcm stage``), ``tlcm run`` and the Prefect tasks call.
 
-The stages themselves, their order and what each reads are declared in :mod:`tlcm.stages`.
+The stages themselves, their order and what each reads are declared in :mod:`tlcm.core.stages`.
 """
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import time
 
 import torch
 
-from tlcm import distributed, identity, read_audit, tracking
-from tlcm import stages as S
-from tlcm.checkpoints import prune_after_success
-from tlcm.locks import stage_lock, stage_lock_here
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.storage import read_json
+from tlcm.core import distributed, identity, read_audit
+from tlcm.tracking import runs as tracking
+from tlcm.core import stages as S
+from tlcm.core.checkpoints import prune_after_success
+from tlcm.core.locks import stage_lock, stage_lock_here
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.core.storage import read_json
 
 log = logging.getLogger("tlcm")
 
@@ -27,7 +28,7 @@ def run_stage(name: str, params: Params, paths: Paths) -> dict:
     nested in the pipeline run when tracking is on).
 
     The stage gets a view of ``params`` with only the keys it declares; its checkpoints are those
-    of its identity (params, input artifacts, code: :mod:`tlcm.identity`). Once it has published
+    of its identity (params, input artifacts, code: :mod:`tlcm.core.identity`). Once it has published
     its output, the checkpoints of earlier identities are removed and a stamp records the
     identity it ran with (what ``tlcm run`` and the Prefect cache compare with)."""
     stage = S.get(name)
@@ -60,7 +61,7 @@ def run_stage_on_worker(name: str, params: Params, paths: Paths, params_file: st
                         preset: str | None = None) -> dict:
     """What a Prefect task runs: ``run_stage`` in this process, or, on a worker with N > 1 GPUs, the
     stage under ``accelerate launch`` on N processes (training stages that support it)."""
-    from tlcm.launch import default_num_processes, launch_stage
+    from tlcm.core.launch import default_num_processes, launch_stage
 
     n = default_num_processes()
     if n <= 1 or not S.get(name).multi_process:

@@ -29,16 +29,16 @@ from models.reward.losses import (DEGRADATIONS, bradley_terry_loss, centering_lo
                                   pairwise_accuracy)
 from models.reward.scorer import CONDITIONS, tokenize
 from models.reward.shapes import ShapesReward
-from tlcm import distributed as D
-from tlcm import render as R
-from tlcm import world as W
-from tlcm.identity import checkpointer
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.reward_io import TRAIN_HINT, check_mps_source, load_reward, load_tokenizer, save_shapes_reward  # noqa: F401
-from tlcm.seeds import mix_seed
-from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json
-from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
+from tlcm.core import distributed as D
+from tlcm.shapes import render as R
+from tlcm.shapes import world as W
+from tlcm.core.identity import checkpointer
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.loaders.reward_io import TRAIN_HINT, check_mps_source, load_reward, load_tokenizer, save_shapes_reward  # noqa: F401
+from tlcm.core.seeds import mix_seed
+from tlcm.core.storage import ArtifactError, atomic_dir, atomic_write_json
+from tlcm.core.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 

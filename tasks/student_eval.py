@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tlcm.paths import Paths
+from tlcm.core.paths import Paths
 
 if TYPE_CHECKING:
-    from tlcm.params import Params
+    from tlcm.core.params import Params
 
 log = logging.getLogger("tlcm")
 FINAL_STEPS = (2, 4)  # Table 2/3 compare at 4 steps; 2 steps is where the segments' milestones matter most
@@ -34,7 +34,7 @@ class QuickEval:
 
     def __init__(self, params: Params, paths: Paths, pipe, stage: str, n_prompts: int, steps: tuple[int, ...] = (2, 4)):
         from tasks.evaluator import load_evaluator
-        from tlcm.world_io import read_prompts
+        from tlcm.loaders.world_io import read_prompts
 
         self.pipe, self.stage, self.steps = pipe, stage, steps
         self.specs = read_prompts(paths, "eval")[:n_prompts]
@@ -46,8 +46,8 @@ class QuickEval:
     def __call__(self, step: int) -> dict:
         from tasks.evaluator import accuracy
         from tasks.generate import student_samples
-        from tlcm import render as R
-        from tlcm import tracking
+        from tlcm.shapes import render as R
+        from tlcm.tracking import runs as tracking
 
         out: dict = {"step": step}
         for n in self.steps:
@@ -66,9 +66,9 @@ def final_eval(params: Params, paths: Paths, pipe, stage: str, n_prompts: int) -
     from tasks.benchmark_scores import frechet_distance
     from tasks.evaluator import accuracy, load_evaluator
     from tasks.generate import student_samples
-    from tlcm import render as R
-    from tlcm.benchmark_report import standard_error
-    from tlcm.world_io import read_prompts
+    from tlcm.shapes import render as R
+    from tlcm.report.benchmark_report import standard_error
+    from tlcm.loaders.world_io import read_prompts
 
     specs = read_prompts(paths, "eval")[:n_prompts]
     net, scheduler = load_evaluator(params, paths), student_scheduler(params, pipe, stage)
@@ -86,7 +86,7 @@ def final_eval(params: Params, paths: Paths, pipe, stage: str, n_prompts: int) -
 
 def judged(params: Params, paths: Paths) -> bool:
     """Whether this process evaluates the student: the main one, of a shapes-world teacher with its evaluator."""
-    from tlcm import distributed as D
+    from tlcm.core import distributed as D
 
     return D.is_main() and params.teacher.source.trained and (paths.evaluator / "model.safetensors").is_file()
 

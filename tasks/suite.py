@@ -34,11 +34,11 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from models.scorers import IMAGEREWARD_MAX_TOKENS, ClipFidFeatures, uint8_to_unit
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.prompt_sources import read_coco_captions
-from tlcm.storage import ArtifactError, load_tensors, save_tensors
-from tlcm.suite_io import (ImageFiles, load_aesthetic_scorer, load_clip_scorer, load_image_reward, load_inception,
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.loaders.prompt_sources import read_coco_captions
+from tlcm.core.storage import ArtifactError, load_tensors, save_tensors
+from tlcm.loaders.suite_io import (ImageFiles, load_aesthetic_scorer, load_clip_scorer, load_image_reward, load_inception,
                            resolve_folder)
 
 log = logging.getLogger("tlcm")
@@ -170,7 +170,7 @@ def _fid_into(results: list[dict], key: str, features: nn.Module, feature_id: st
 
 def _device() -> torch.device:
     """The process's device (its GPU, else the CPU), as the sampling rows use."""
-    from tlcm import distributed
+    from tlcm.core import distributed
 
     return distributed.device()
 

@@ -9,7 +9,7 @@ An EMA of the weights is what gets saved.
 With ``teacher.source`` set to a hub id or folder (SDXL or SD1.5 style), nothing
 is trained: the stage checks that the teacher loads and records what it is.
 
-Under ``accelerate launch`` (:mod:`tlcm.distributed`) every process renders the
+Under ``accelerate launch`` (:mod:`tlcm.core.distributed`) every process renders the
 step's global batch, trains on its contiguous shard and averages gradients, so the
 result equals the one-process run at the same ``batch_size``; the main process
 writes the checkpoints and the pipeline folder.
@@ -29,15 +29,15 @@ from models.denoiser import Denoiser, encode_prompts
 from models.diffusion import q_sample
 from models.evaluator import classification_loss
 from models.sdxl_shaped import build_scheduler, build_text_encoders, build_unet
-from tlcm import distributed as D
-from tlcm import render as R
-from tlcm import world as W
-from tlcm.identity import checkpointer
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.storage import ArtifactError, atomic_dir, atomic_write_json
-from tlcm.teacher_io import load_teacher
-from tlcm.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
+from tlcm.core import distributed as D
+from tlcm.shapes import render as R
+from tlcm.shapes import world as W
+from tlcm.core.identity import checkpointer
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.core.storage import ArtifactError, atomic_dir, atomic_write_json
+from tlcm.loaders.teacher_io import load_teacher
+from tlcm.core.training import cosine_warmup, ensure_finite, optimizer_step, run_loop, step_generator
 
 log = logging.getLogger("tlcm")
 

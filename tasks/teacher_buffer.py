@@ -33,8 +33,8 @@ import torch
 
 from models.denoiser import encode_prompts
 from models.tlcm import buffer_pair_mask, buffer_path, lower_milestone, teacher_trajectories
-from tlcm import distributed as D
-from tlcm.training import step_generator
+from tlcm.core import distributed as D
+from tlcm.core.training import step_generator
 
 BUFFER_SEED = 104_729  # chunk c draws from step_generator(seed + BUFFER_SEED, c), apart from the steps' (seed, step)
 

@@ -5,12 +5,12 @@ import json
 import logging
 from pathlib import Path
 
-from tlcm import world as W
-from tlcm.params import Params
-from tlcm.paths import Paths
-from tlcm.storage import atomic_dir
-from tlcm.tokenizer import write_tokenizer
-from tlcm.world_io import read_prompts, spec_to_json  # noqa: F401 - read_prompts: tasks.evaluate/distill import it here
+from tlcm.shapes import world as W
+from tlcm.core.params import Params
+from tlcm.core.paths import Paths
+from tlcm.core.storage import atomic_dir
+from tlcm.shapes.tokenizer import write_tokenizer
+from tlcm.loaders.world_io import read_prompts, spec_to_json  # noqa: F401 - read_prompts: tasks.evaluate/distill import it here
 
 log = logging.getLogger("tlcm")
 

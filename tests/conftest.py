@@ -28,7 +28,7 @@ import torch
 torch.set_num_threads(max(1, min(int(os.environ.get("OMP_NUM_THREADS") or 2), os.cpu_count() or 1)))
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("TQDM_DISABLE", "1")
-os.environ.setdefault("TLCM_CHECK_READS", "1")  # a stage that reads an artifact it does not declare fails (tlcm/read_audit.py)
+os.environ.setdefault("TLCM_CHECK_READS", "1")  # a stage that reads an artifact it does not declare fails (tlcm/core/read_audit.py)
 
 
 TIERS = ("math", "stage", "servers")
@@ -67,7 +67,7 @@ def cow_copy(paths, dest: Path):
     no disk). Stages publish by atomic rename, which replaces the link in the copy and leaves the
     original as it was. A test that edits a file in place (corrupts it, scales tensors) makes a real
     copy of that file first (``shutil.copytree`` / ``copy2``)."""
-    from tlcm.paths import Paths
+    from tlcm.core.paths import Paths
 
     shutil.copytree(paths.root, dest, symlinks=True, copy_function=_link_or_copy,
                     ignore=shutil.ignore_patterns(".locks"))
@@ -76,7 +76,7 @@ def cow_copy(paths, dest: Path):
 
 @pytest.fixture(scope="session")
 def smoke_params():
-    from tlcm.params import load_params
+    from tlcm.core.params import load_params
 
     return load_params(REPO / "params.yaml", "smoke")
 
@@ -86,8 +86,8 @@ def smoke_artifacts(tmp_path_factory, smoke_params):
     """The teacher, the evaluator and the reward model with what they need (world, autoencoder) on the
     smoke preset, once per session. Read-only for tests: a test that runs stages uses ``own_artifacts``."""
     from tasks.registry import run_stage
-    from tlcm.paths import Paths
-    from tlcm.stages import upstream
+    from tlcm.core.paths import Paths
+    from tlcm.core.stages import upstream
 
     paths = Paths(tmp_path_factory.mktemp("artifacts"))
     for name in upstream("teacher", "evaluator", "reward"):
@@ -101,7 +101,7 @@ def student_chain(smoke_artifacts, smoke_params, tmp_path_factory):
     session into its own folder (a copy of ``smoke_artifacts``): the input of the technique stages.
     Read-only for tests: a test that runs stages uses ``own_chain``."""
     from tasks.registry import run_stage
-    from tlcm.stages import upstream
+    from tlcm.core.stages import upstream
 
     paths = cow_copy(smoke_artifacts, tmp_path_factory.mktemp("chain") / "artifacts")
     for name in upstream("ilcd"):
@@ -129,7 +129,7 @@ def perturbed_lora(smoke_artifacts, tmp_path_factory):
     from diffusers import StableDiffusionXLPipeline
 
     from models.lora import add_lora, lora_parameters
-    from tlcm.lora_io import save_lora
+    from tlcm.loaders.lora_io import save_lora
 
     pipe = StableDiffusionXLPipeline.from_pretrained(smoke_artifacts.teacher)
     add_lora(pipe.unet, rank=4)

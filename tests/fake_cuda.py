@@ -15,7 +15,7 @@ created by a move to ``cuda`` (``.to``, ``.cuda()``, ``Module.to``) or by a fact
 
 It records which device every UNet, VAE encoder/decoder, text-encoder and judge/reward/LPIPS forward ran on (``calls``), so a test
 can also catch code that never moves a model to the device. Use :func:`fake_cuda` with pytest's ``monkeypatch``:
-it makes :func:`tlcm.distributed.device` return ``cuda:0``, as it does under a GPU launch.
+it makes :func:`tlcm.core.distributed.device` return ``cuda:0``, as it does under a GPU launch.
 """
 from __future__ import annotations
 
@@ -206,8 +206,8 @@ def _cpu_if_cuda(a):
 
 @contextlib.contextmanager
 def fake_cuda(monkeypatch) -> Iterator[FakeCuda]:
-    """Run the block as a GPU process would: :func:`tlcm.distributed.device` is ``cuda:0`` (the fake one)."""
-    from tlcm import distributed
+    """Run the block as a GPU process would: :func:`tlcm.core.distributed.device` is ``cuda:0`` (the fake one)."""
+    from tlcm.core import distributed
 
     monkeypatch.setattr(distributed, "device", lambda: CUDA)
     with FakeCuda() as mode:

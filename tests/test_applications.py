@@ -7,8 +7,8 @@ import torch
 
 from tasks.applications import benchmark_rows, img2img_inference_steps
 from tasks.evaluator import load_evaluator
-from tlcm.paths import Paths
-from tlcm.world_io import read_prompts
+from tlcm.core.paths import Paths
+from tlcm.loaders.world_io import read_prompts
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
-"""The benchmark's summary arithmetic (tlcm/benchmark_report.py) on hand-made rows."""
+"""The benchmark's summary arithmetic (tlcm/report/benchmark_report.py) on hand-made rows."""
 import math
 
 import pytest
 
-from tlcm.benchmark_report import baseline_gaps, best_baselines, distillation_value, markdown, standard_error, summary_markdown
+from tlcm.report.benchmark_report import baseline_gaps, best_baselines, distillation_value, markdown, standard_error, summary_markdown
 
 pytestmark = pytest.mark.math
 

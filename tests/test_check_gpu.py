@@ -19,7 +19,7 @@ def test_without_cuda_it_says_so_in_one_line_and_exits_0(tmp_path):
     assert r.returncode == 0 and r.stdout.strip().count("\n") == 0 and "no CUDA device" in r.stdout
     assert "Traceback" not in r.stderr and not (tmp_path / "x.json").exists()
     # the module form, for an image with only torch, diffusers, peft, transformers, accelerate and safetensors
-    r = subprocess.run([sys.executable, "-m", "tlcm.check_gpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "tools.check_gpu"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "no CUDA device" in r.stdout and "Traceback" not in r.stderr
 
 
@@ -28,12 +28,12 @@ def test_the_check_imports_nothing_beyond_the_gpu_image(tmp_path):
     presets without pydantic as the validated params read them."""
     code = ("import sys\n"
             "for m in ('pydantic', 'torchmetrics', 'mlflow', 'prefect', 'dvc', 'boto3'): sys.modules[m] = None\n"
-            "import tlcm.check_gpu as C, tlcm.rig, tasks.distill, tasks.mps, tasks.dmgan, tlcm.plan\n"
+            "import tools.check_gpu as C, tools.rig, tasks.distill, tasks.mps, tasks.dmgan, tools.plan\n"
             "p = C.load_preset('params.yaml', 'sdxl')\n"
             "print(p.mlcd.teacher_path, p.mlcd.batch_size, p.teacher.dtype, p.section('dmgan').batch_size)\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    from tlcm.params import load_params
+    from tlcm.core.params import load_params
 
     p = load_params(REPO / "params.yaml", "sdxl")
     assert r.stdout.split() == [p.mlcd.teacher_path, str(p.mlcd.batch_size), p.teacher.dtype, str(p.dmgan.batch_size)]
@@ -42,7 +42,7 @@ def test_the_check_imports_nothing_beyond_the_gpu_image(tmp_path):
 def test_smoke_part_runs_the_declared_stages(monkeypatch):
     """(a) runs stages by their declarations, tracking off (here only `world`, on the CPU: the whole pipeline is the
     GPU run's); without the pipeline's dependencies it says which are missing instead of failing."""
-    from tlcm import check_gpu as C
+    from tools import check_gpu as C
 
     monkeypatch.setenv("TLCM_TRACKING", "auto")
     r = C.smoke_pipeline(REPO / "params.yaml", ("world",))
@@ -56,9 +56,9 @@ def test_smoke_part_runs_the_declared_stages(monkeypatch):
 def test_parts_on_the_cpu_at_smoke_size(smoke_params, tmp_path):
     """(b) every checked stage's real step at the sdxl preset's precision settings, with `tlcm plan`'s memory
     prediction for the same settings; (c) sampling; and the bf16-vs-float32 step, on the smoke teacher's sizes."""
-    from tlcm import check_gpu_parts as C
-    from tlcm.plan.networks import mini_costs
-    from tlcm.rig import tiny_networks
+    from tools import check_gpu_parts as C
+    from tools.plan.networks import mini_costs
+    from tools.rig import tiny_networks
 
     params = smoke_params.model_copy(update={
         "teacher": smoke_params.teacher.model_copy(update={"dtype": "bfloat16", "gradient_checkpointing": True}),

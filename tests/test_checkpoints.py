@@ -9,8 +9,8 @@ import logging
 import pytest
 import torch
 
-from tlcm.checkpoints import Checkpointer, prune_after_success
-from tlcm.training import run_loop
+from tlcm.core.checkpoints import Checkpointer, prune_after_success
+from tlcm.core.training import run_loop
 
 pytestmark = pytest.mark.math
 

@@ -40,7 +40,7 @@ def chain(student_chain, smoke_params):
 
 def _root(tmp_path_factory, name: str, chain, own: tuple[str, ...]):
     """A fresh artifacts folder that sees every input in ``chain`` (symlinks) but not the ``own`` outputs."""
-    from tlcm.paths import Paths
+    from tlcm.core.paths import Paths
 
     root = tmp_path_factory.mktemp(name)
     for d in chain.root.iterdir():
@@ -105,7 +105,7 @@ def test_training_minutes_come_from_the_training_process(tmp_path):
     """The benchmark's training-cost column multiplies by the threads/processes the TRAINING ran on, recorded in
     its metrics, not by the evaluating process's thread count; a GPU run is counted in GPU-minutes."""
     from tasks.evaluate import _training_minutes
-    from tlcm.paths import Paths
+    from tlcm.core.paths import Paths
 
     paths = Paths(tmp_path)
     paths.metrics.mkdir(parents=True)

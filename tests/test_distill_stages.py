@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from tlcm.storage import ArtifactError
+from tlcm.core.storage import ArtifactError
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_ilcd_continues_the_mlcd_lora(distilled, tmp_path):
 
     from models.lora import lora_parameters
     from tasks.registry import run_stage
-    from tlcm.lora_io import load_lora_into
+    from tlcm.loaders.lora_io import load_lora_into
 
     params, paths = distilled
     a = StableDiffusionXLPipeline.from_pretrained(paths.teacher)
@@ -136,7 +136,7 @@ def test_evaluate_adds_student_rows(distilled):
 
 def test_ilcd_without_mlcd_lora_says_what_to_run(smoke_artifacts, smoke_params, tmp_path):
     from tasks.ilcd import run
-    from tlcm.paths import Paths
+    from tlcm.core.paths import Paths
 
     empty = Paths(tmp_path)
     for d in ("teacher", "world"):
@@ -150,8 +150,8 @@ def test_nan_in_distillation_keeps_last_good_checkpoint(smoke_artifacts, smoke_p
     """A NaN loss stops the stage with a message; the checkpoint on disk is the last finite one."""
     import tasks.distill as D
     from tasks import mlcd
-    from tlcm.paths import Paths
-    from tlcm.training import NonFiniteLoss
+    from tlcm.core.paths import Paths
+    from tlcm.core.training import NonFiniteLoss
 
     paths = Paths(tmp_path)
     for d in ("teacher", "world", "evaluator"):

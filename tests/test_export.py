@@ -19,9 +19,9 @@ from scheduler_common import captured
 from models.denoiser import Denoiser, encode_prompts
 from models.lora import LORA_TARGETS
 from models.lora_formats import lora_modules, sgm_module_name, to_kohya
-from tlcm.export import export
-from tlcm.lora_io import load_lora_into
-from tlcm.storage import ArtifactError, load_tensors
+from tools.export import export
+from tlcm.loaders.lora_io import load_lora_into
+from tlcm.core.storage import ArtifactError, load_tensors
 
 PROMPTS = ["a red circle left of a blue square on a white background", "a small red cross on the left on a black background"]
 
@@ -135,7 +135,7 @@ def test_kohya_names_map_back_through_diffusers_converter_on_full_size_unets(arc
     own kohya converter: the key-level round trip, on meta-device UNets (no weights)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
-    from tlcm.plan.configs import SDXL_UNET_CONFIG, attach_lora, build_unet
+    from tools.plan.configs import SDXL_UNET_CONFIG, attach_lora, build_unet
 
     cfg = dict(SDXL_UNET_CONFIG) if arch == "sdxl" else dict(  # runwayml/stable-diffusion-v1-5's UNet
         sample_size=64, cross_attention_dim=768, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,

@@ -156,8 +156,8 @@ def project(stack, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stages(project, stack) -> list[str]:
-    """The stages declared in the copied project (tlcm/stages.py)."""
-    r = run([sys.executable, "-c", "from tlcm.stages import NAMES; print(' '.join(NAMES))"], project,
+    """The stages declared in the copied project (tlcm/core/stages.py)."""
+    r = run([sys.executable, "-c", "from tlcm.core.stages import NAMES; print(' '.join(NAMES))"], project,
             {**stack.base_env(), "PYTHONPATH": str(project)})
     assert r.returncode == 0, r.stderr
     names = r.stdout.split()
@@ -228,7 +228,7 @@ def test_dvc_repro_then_noop_then_push_to_s3(stack, project, stages, deployment)
 # ---- truthful reruns: a stage's result follows its inputs and code ---------------------------------
 
 def _tree(path: Path) -> str:
-    from tlcm.provenance import tree_sha256
+    from tlcm.core.provenance import tree_sha256
 
     return tree_sha256(path)
 
@@ -249,14 +249,14 @@ def _set_param(project: Path, section: str, key: str, value) -> None:
 def test_changed_inputs_rerun_exactly_what_they_touch(stack, project, stages):
     """Before: after a teacher change, `lora_mlcd` came out byte-identical (its checkpoint, keyed on its
     params only, was 'resumed at 3/3'), `ilcd` republished its LoRA after `lora_mlcd` was replaced, and
-    an edit of an undeclared import (tlcm/teacher_io.py) left `dvc status` clean. Now: `dvc status`
+    an edit of an undeclared import (tlcm/loaders/teacher_io.py) left `dvc status` clean. Now: `dvc status`
     names every stage whose import closure has the edited file; after a teacher change `dvc repro mlcd`
     retrains the teacher and mlcd from scratch (new hashes), `dvc status` names everything downstream,
     `tlcm run` retrains exactly those, and a second `tlcm run` is a no-op."""
     env = project_env(stack, project, **s3_env(stack))
     art = project / "artifacts"
-    # 1. code: an edit of tlcm/teacher_io.py (imported by every teacher user) is seen by DVC
-    io = project / "tlcm" / "teacher_io.py"
+    # 1. code: an edit of tlcm/loaders/teacher_io.py (imported by every teacher user) is seen by DVC
+    io = project / "tlcm" / "loaders" / "teacher_io.py"
     original = io.read_text()
     io.write_text(original.replace("BUILD_HINT = (", "BUILD_HINT = (  # edited\n    "))
     named = _dvc_status_stages(project, env)
@@ -398,7 +398,7 @@ def test_candidate_is_an_mlflow_model_that_predicts_images(stack, project, monke
         uri = f"models:/{MODEL}@candidate"
         info = mlflow.models.get_model_info(uri)
         defaults = {p.name: p.default for p in info.signature.params.params}
-        from tlcm.params import load_params
+        from tlcm.core.params import load_params
 
         steps = load_params(project / "params.yaml").register.gates.steps
         assert defaults["num_inference_steps"] == steps and defaults["guidance_scale"] == 1.0
@@ -510,7 +510,7 @@ def test_export_of_the_champion_loads_in_diffusers(stack, project, tmp_path):
 
 
 def test_two_registrations_at_once_get_distinct_versions(stack, project, tmp_path):
-    from tlcm.paths import Paths
+    from tlcm.core.paths import Paths
 
     env = project_env(stack, project)
     folders = [tmp_path / "a", tmp_path / "b"]  # one run of a stage per artifacts folder: two folders

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from models.latent_lpips import LatentLPIPS, NetLinLayer, RankingHead, ranking_loss, two_afc_score
-from tlcm import bapps_io as B
-from tlcm import synthetic_bapps as S
-from tlcm.params import BappsParams, LatentLpipsParams, WorldParams
-from tlcm.paths import Paths
-from tlcm.storage import ArtifactError
+from tlcm.loaders import bapps_io as B
+from tlcm.shapes import synthetic_bapps as S
+from tlcm.core.params import BappsParams, LatentLpipsParams, WorldParams
+from tlcm.core.paths import Paths
+from tlcm.core.storage import ArtifactError
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from models.denoiser import Denoiser, encode_prompts
 from models.lora import FrozenTeacher, add_lora, adapters_disabled, lora_parameters
 from models.sampling import sample_with_scheduler
 from models.scheduler import TLCMScheduler
-from tlcm.lora_io import load_lora_into, save_lora
+from tlcm.loaders.lora_io import load_lora_into, save_lora
 
 PROMPTS = ["a small red cross on the left on a black background", "a blue circle above a green square on a white background"]
 

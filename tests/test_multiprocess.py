@@ -18,7 +18,7 @@ TOL = 1e-5
 
 
 def test_shard_is_contiguous_and_covers_the_global_batch():
-    from tlcm.distributed import ShardError, shard, shard_slice
+    from tlcm.core.distributed import ShardError, shard, shard_slice
 
     x = torch.arange(12)
     parts = [shard(x, 3, r) for r in range(3)]
@@ -32,7 +32,7 @@ def test_shard_is_contiguous_and_covers_the_global_batch():
 
 def test_launch_command_starts_a_real_cpu_process_group():
     """`--cpu --num_processes N` silently runs one process; `--multi_gpu` + ACCELERATE_USE_CPU=1 runs N (gloo)."""
-    from tlcm.launch import default_num_processes, launch_command, stage_args
+    from tlcm.core.launch import default_num_processes, launch_command, stage_args
 
     args = stage_args("mlcd", "params.yaml", "smoke", "artifacts", 2)
     assert args == ["stage", "mlcd", "--params", "params.yaml", "--artifacts", "artifacts", "--num-processes", "2",
@@ -57,7 +57,7 @@ def test_batch_that_does_not_divide_stops_before_launching(smoke_params, tmp_pat
 
 def test_only_training_stages_relaunch(smoke_params):
     """A stage without a training loop (world, evaluate, ...) ignores --num-processes and runs in this process."""
-    from tlcm.launch import MULTI_PROCESS_STAGES, launch_or_join
+    from tlcm.core.launch import MULTI_PROCESS_STAGES, launch_or_join
 
     assert {"teacher", "lcm_baseline", "mlcd", "ilcd"} <= MULTI_PROCESS_STAGES
     assert launch_or_join(2, ["stage", "world", "--num-processes", "2"], smoke_params, "world") is None
@@ -94,8 +94,8 @@ def test_two_processes_match_one_process_and_resume(smoke_artifacts, smoke_param
     from safetensors.torch import load_file
 
     from tasks.registry import run_stage
-    from tlcm.params import load_params
-    from tlcm.paths import Paths
+    from tlcm.core.params import load_params
+    from tlcm.core.paths import Paths
 
     f2 = _params_file(smoke_params, tmp_path / "params2.yaml", steps=2)
     f3 = _params_file(smoke_params, tmp_path / "params3.yaml", steps=3)
@@ -138,8 +138,8 @@ def test_buffer_and_quick_eval_on_two_processes(smoke_artifacts, smoke_params, t
     from safetensors.torch import load_file
 
     from tasks.registry import run_stage
-    from tlcm.params import load_params
-    from tlcm.paths import Paths
+    from tlcm.core.params import load_params
+    from tlcm.core.paths import Paths
 
     d = smoke_params.model_dump(mode="json")
     d["preset"] = "mini"
@@ -206,7 +206,7 @@ def _sample_gap(chain, one, two, init) -> float:
     """Mean |pixel| gap between the 2-step samples of LoRAs ``one`` and ``two`` (same prompts, same seed), asserted
     under a tenth of the gap between ``one`` and its input LoRA ``init``; returns the first."""
     from tasks.generate import load_student_pipe, student_samples
-    from tlcm.world_io import read_prompts
+    from tlcm.loaders.world_io import read_prompts
 
     prompts = [s.caption() for s in read_prompts(chain, "eval")[:8]]
     img = {}
@@ -226,9 +226,9 @@ def test_stage_on_two_processes_matches_one_process(stage, technique_inputs, smo
     from safetensors.torch import load_file
 
     from tasks.registry import run_stage
-    from tlcm.launch import MULTI_PROCESS_STAGES
-    from tlcm.params import load_params
-    from tlcm.paths import Paths
+    from tlcm.core.launch import MULTI_PROCESS_STAGES
+    from tlcm.core.params import load_params
+    from tlcm.core.paths import Paths
 
     assert stage in MULTI_PROCESS_STAGES
     out, update = OTHER_STAGES[stage]
@@ -260,7 +260,7 @@ def test_stage_on_two_processes_matches_one_process(stage, technique_inputs, smo
         # its conv biases feed per-channel GroupNorms, which cancel them: their gradient is 0 up to float
         # noise, which Adam turns into ±lr steps that change nothing. Compare what the model computes.
         from tasks.reward import pair_scores, validation_pairs
-        from tlcm.reward_io import load_shapes_reward
+        from tlcm.loaders.reward_io import load_shapes_reward
 
         pairs = validation_pairs(load_params(f))
         nets = [load_shapes_reward(p.reward) for p in (one, two)]

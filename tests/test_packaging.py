@@ -7,10 +7,10 @@ import pytest
 import yaml
 from servers import fake_outputs
 
-from tlcm.hub import hub_revision
-from tlcm.packaging import base_reference, lora_folder, save_pyfunc
-from tlcm.params import Source
-from tlcm.paths import Paths
+from tlcm.loaders.hub import hub_revision
+from tlcm.tracking.packaging import base_reference, lora_folder, save_pyfunc
+from tlcm.core.params import Source
+from tlcm.core.paths import Paths
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

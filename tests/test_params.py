@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from tlcm.params import ParamsError, load_params
+from tlcm.core.params import ParamsError, load_params
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,7 +18,7 @@ def test_default_file_is_mini_and_valid():
 def test_code_defaults_are_the_mini_values_of_params_yaml():
     """One set of defaults: a key left out of a params file means what params.yaml says (before: teacher.steps
     6000 in code vs 3500 in params.yaml, and the whole ilcd section differed)."""
-    from tlcm.params import Params
+    from tlcm.core.params import Params
 
     mini = load_params(REPO / "params.yaml")
     defaults = Params()
@@ -108,7 +108,7 @@ def test_preset_is_a_name_not_a_path(tmp_path):
     """Before: `--preset ../../x` read configs/presets/../../x.yaml, a file outside the presets."""
     import os
 
-    from tlcm.params import PRESETS_DIR
+    from tlcm.core.params import PRESETS_DIR
 
     evil = tmp_path / "x.yaml"
     evil.write_text("teacher: {steps: 1}\n")
@@ -120,7 +120,7 @@ def test_preset_is_a_name_not_a_path(tmp_path):
 @pytest.mark.math
 def test_source_is_a_typed_choice_written_as_one_string(tmp_path):
     """`teacher.source` / `reward.source`: `train` (this pipeline trains it) or a location; records read as the YAML."""
-    from tlcm.params import Source
+    from tlcm.core.params import Source
 
     p = load_params(REPO / "params.yaml")
     assert p.teacher.source.trained and not p.teacher.source.pretrained and p.teacher.source.location is None

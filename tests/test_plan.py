@@ -1,4 +1,4 @@
-"""tlcm/plan/: the meta-device counters against direct formulas and real instances, and the per-stage counts.
+"""tools/plan/: the meta-device counters against direct formulas and real instances, and the per-stage counts.
 Tiers: the meters and the arithmetic are ``math``; the two counting tests run the stages' step functions (``stage``)."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from tlcm.plan import configs, counts, estimates, meters, networks, report
-from tlcm.plan.estimates import GiB
+from tools.plan import configs, counts, estimates, meters, networks, report
+from tools.plan.estimates import GiB
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def recipes():
 
 
 def _count(recipes, stage, steps=1, batch_size=2, **update):
-    from tlcm.rig import count_evals
+    from tools.rig import count_evals
 
     params, tiny = recipes
     if update:
@@ -137,7 +137,7 @@ def test_counted_mlcd_paths(recipes):
 
     tiny = recipes[1]
     side = tiny.world.image_size // 2 ** (len(tiny.autoencoder.block_out_channels) - 1)
-    LATENT = (tiny.autoencoder.latent_channels, side, side)  # the tiny teacher's latent (tlcm.rig.tiny_networks)
+    LATENT = (tiny.autoencoder.latent_channels, side, side)  # the tiny teacher's latent (tools.rig.tiny_networks)
     mds = _count(recipes, "mlcd", batch_size=128, teacher_path="mds")
     assert abs(mds.teacher - 11) < 1.6 and (mds.student, mds.student_grad) == (1, 1)
     assert _count(recipes, "lcm_baseline", teacher_path="mds").teacher == 4

@@ -14,13 +14,13 @@ from models.clip_image import clip_preprocess
 from models.reward import (CONDITIONS, DEGRADATIONS, MPSNet, RewardScorer, ShapesReward, bradley_terry_loss,
                            condition_mask, degrade, listwise_loss, pairwise_accuracy)
 from tasks import reward as R
-from tlcm import render as RD
-from tlcm import world as W
-from tlcm.params import Source, load_params
-from tlcm.paths import Paths
-from tlcm.reward_io import UnsafePickleWarning, convert_mps, load_mps, load_reward, load_tokenizer
-from tlcm.storage import ArtifactError
-from tlcm.tokenizer import write_tokenizer
+from tlcm.shapes import render as RD
+from tlcm.shapes import world as W
+from tlcm.core.params import Source, load_params
+from tlcm.core.paths import Paths
+from tlcm.loaders.reward_io import UnsafePickleWarning, convert_mps, load_mps, load_reward, load_tokenizer
+from tlcm.core.storage import ArtifactError
+from tlcm.shapes.tokenizer import write_tokenizer
 
 SMOKE_REWARD = {"width": 8, "steps": 4, "batch_size": 8, "n_val_pairs": 32, "checkpoint_every": 2}
 
@@ -91,7 +91,7 @@ def test_resumed_stage_ends_with_the_same_weights(trained, params, tmp_path):
     assert any(copy.checkpoints("reward").glob("*/step-00000002.safetensors"))
     resumed = R.run(params, copy)
     assert resumed["accuracy"] == metrics["accuracy"] and resumed["margin_auto"] == metrics["margin_auto"]
-    from tlcm.storage import load_tensors
+    from tlcm.core.storage import load_tensors
 
     a, b = (load_tensors(p.reward / "model.safetensors") for p in (paths, copy))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -28,8 +28,8 @@ def sd15_folder(smoke_artifacts, tmp_path_factory):
 def sd15_distilled(sd15_folder, smoke_artifacts, smoke_params, tmp_path_factory):
     """mlcd then ilcd (smoke preset, latent MSE) against the SD1.5 folder, in a fresh artifacts root."""
     from tasks.registry import run_stage
-    from tlcm.params import Source
-    from tlcm.paths import Paths
+    from tlcm.core.params import Source
+    from tlcm.core.paths import Paths
 
     root = tmp_path_factory.mktemp("sd15_artifacts")
     (root / "world").symlink_to(smoke_artifacts.world)
@@ -47,7 +47,7 @@ def test_load_teacher_accepts_sd15_and_encodes_with_empty_prompt_uncond(sd15_fol
     from diffusers import StableDiffusionPipeline
 
     from models.denoiser import Denoiser, encode_prompts
-    from tlcm.teacher_io import load_teacher
+    from tlcm.loaders.teacher_io import load_teacher
 
     pipe = load_teacher(str(sd15_folder))
     assert isinstance(pipe, StableDiffusionPipeline) and not hasattr(pipe, "text_encoder_2")
@@ -67,7 +67,7 @@ def test_distillation_on_sd15_publishes_a_diffusers_lora(sd15_distilled, sd15_fo
     from diffusers import StableDiffusionPipeline
 
     from models.scheduler import TLCMScheduler
-    from tlcm.lora_io import load_lora_into
+    from tlcm.loaders.lora_io import load_lora_into
 
     params, paths = sd15_distilled
     assert json.loads((paths.metrics / "teacher.json").read_text())["class"] == "StableDiffusionPipeline"
@@ -141,8 +141,8 @@ def test_sd15_mlcd_on_two_processes_matches_one_process(sd15_distilled, tmp_path
     from safetensors.torch import load_file
 
     from tasks.registry import run_stage
-    from tlcm.params import load_params
-    from tlcm.paths import Paths
+    from tlcm.core.params import load_params
+    from tlcm.core.paths import Paths
 
     params, paths = sd15_distilled
     d = params.model_dump(mode="json")

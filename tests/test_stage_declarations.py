@@ -1,6 +1,6 @@
 """Stage identity = everything a stage reads (issue "Truthful reruns", item 1).
 
-The declarations in tlcm/stages.py are the one list of stages; dvc.yaml is generated from them and
+The declarations in tlcm/core/stages.py are the one list of stages; dvc.yaml is generated from them and
 from each stage's computed import closure; the params a stage may read and the artifacts it may
 open are enforced while it runs; the identity that keys its checkpoints, its Prefect cache and
 `tlcm run`'s up-to-date check changes with its params, inputs and code. The stage-level tests
@@ -13,30 +13,30 @@ import torch
 import yaml
 from conftest import REPO
 
-from tlcm import dvc_yaml, identity
-from tlcm import stages as S
-from tlcm.paths import Paths
-from tlcm.provenance import tree_sha256
+from tlcm.core import dvc_yaml, identity
+from tlcm.core import stages as S
+from tlcm.core.paths import Paths
+from tlcm.core.provenance import tree_sha256
 
 
 @pytest.mark.math
 def test_committed_dvc_yaml_is_the_generated_one():
-    assert not dvc_yaml.differs(), "dvc.yaml differs from tlcm/stages.py and the code: run `tlcm dvc-yaml`"
+    assert not dvc_yaml.differs(), "dvc.yaml differs from tlcm/core/stages.py and the code: run `tlcm dvc-yaml`"
 
 
 @pytest.mark.math
 def test_dvc_deps_have_the_imports_the_old_hand_written_file_missed():
-    """Before: deps typed by hand missed tlcm/teacher_io.py for all teacher users, models/caption_head.py
+    """Before: deps typed by hand missed tlcm/loaders/teacher_io.py for all teacher users, models/caption_head.py
     for `teacher`, models/latent_lpips.py, models/sampling.py, models/scheduler.py for the distillation
-    stages, and tlcm/params.py (now tlcm/params/), tlcm/storage.py everywhere (an edit left `dvc status` up to
+    stages, and tlcm/params.py (now tlcm/core/params/), tlcm/storage.py everywhere (an edit left `dvc status` up to
     date)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert {"models/caption_head.py", "tlcm/teacher_io.py"} <= set(stages["teacher"]["deps"])
+    assert {"models/caption_head.py", "tlcm/loaders/teacher_io.py"} <= set(stages["teacher"]["deps"])
     for name in ("lcm_baseline", "mlcd", "ilcd"):
-        assert {"tlcm/teacher_io.py", "models/latent_lpips.py", "models/sampling.py", "models/scheduler.py"} \
+        assert {"tlcm/loaders/teacher_io.py", "models/latent_lpips.py", "models/sampling.py", "models/scheduler.py"} \
             <= set(stages[name]["deps"]), name
     for name, st in stages.items():
-        assert {"tlcm/params/loading.py", "tlcm/params/core.py", "tlcm/storage.py", f"tasks/{name}.py"} \
+        assert {"tlcm/core/params/loading.py", "tlcm/core/params/core.py", "tlcm/core/storage.py", f"tasks/{name}.py"} \
             <= set(st["deps"]), name
     assert list(stages) == list(S.NAMES)
 
@@ -63,7 +63,7 @@ def test_identity_follows_code_params_and_inputs(tmp_path, smoke_params):
     (art / "teacher" / "model_index.json").write_text("{}")
     base = identity.stage_identity("mlcd", smoke_params, art, root=code)
 
-    (code / "tlcm" / "teacher_io.py").write_text((code / "tlcm" / "teacher_io.py").read_text() + "\n# edited\n")
+    (code / "tlcm" / "loaders" / "teacher_io.py").write_text((code / "tlcm" / "loaders" / "teacher_io.py").read_text() + "\n# edited\n")
     edited = identity.stage_identity("mlcd", smoke_params, art, root=code)
     assert edited.hash != base.hash and edited.fingerprint != base.fingerprint
     assert identity.stage_identity("world", smoke_params, art, root=code).manifest["code"] == \
@@ -98,7 +98,7 @@ def test_a_stage_sees_only_the_params_it_declares(smoke_params):
 
 @pytest.mark.math
 def test_a_stage_that_opens_an_undeclared_artifact_fails(tmp_path, monkeypatch):
-    from tlcm.read_audit import UndeclaredInput, declared_reads
+    from tlcm.core.read_audit import UndeclaredInput, declared_reads
 
     monkeypatch.setenv("TLCM_CHECK_READS", "1")
     for d in ("world", "teacher"):
@@ -116,7 +116,7 @@ def test_a_stage_that_opens_an_undeclared_artifact_fails(tmp_path, monkeypatch):
 def test_every_list_of_stages_reads_the_declarations():
     from flows.tlcm import STAGE_TASKS
     from flows.cli import build_parser
-    from tlcm.launch import MULTI_PROCESS_STAGES
+    from tlcm.core.launch import MULTI_PROCESS_STAGES
 
     sub = next(a for a in build_parser()._actions if a.dest == "cmd").choices
     assert list(next(a for a in sub["stage"]._actions if a.dest == "name").choices) == list(S.NAMES)
@@ -182,7 +182,7 @@ def test_ilcd_retrains_after_lora_mlcd_is_replaced(chain_copy, smoke_params, cap
         run_stage("ilcd", smoke_params, chain_copy)
     assert "not resumed, starting fresh" in caplog.text and "input lora_mlcd" in caplog.text
     assert tree_sha256(chain_copy.lora("ilcd")) != before
-    from tlcm.lora_io import WEIGHTS
-    from tlcm.storage import load_tensors
+    from tlcm.loaders.lora_io import WEIGHTS
+    from tlcm.core.storage import load_tensors
 
     assert all(torch.isfinite(v).all() for v in load_tensors(chain_copy.lora("ilcd") / WEIGHTS).values())

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import REPO, run_cli
 
-from tlcm.storage import ArtifactError
+from tlcm.core.storage import ArtifactError
 
 
 def test_teacher_is_a_real_sdxl_pipeline_folder(smoke_artifacts):
@@ -99,7 +99,7 @@ def test_missing_teacher_path_is_named(tmp_path):
 def test_corrupt_teacher_weight_is_named(smoke_artifacts, tmp_path):
     import shutil
 
-    from tlcm.teacher_io import load_teacher
+    from tlcm.loaders.teacher_io import load_teacher
 
     bad = tmp_path / "teacher"
     shutil.copytree(smoke_artifacts.teacher, bad)
@@ -146,8 +146,8 @@ def test_teacher_caption_parsing_loss_trains_the_text_encoders_and_is_not_saved(
     from safetensors.torch import load_file
 
     from tasks.registry import run_stage
-    from tlcm import world as W
-    from tlcm.paths import Paths
+    from tlcm.shapes import world as W
+    from tlcm.core.paths import Paths
 
     def train(name: str, **update) -> tuple[Paths, dict]:
         paths = Paths(tmp_path / name)

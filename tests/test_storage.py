@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from tlcm.checkpoints import Checkpointer
-from tlcm.storage import ArtifactError, atomic_dir, load_tensors, save_tensors
-from tlcm.training import NonFiniteLoss, ensure_finite, run_loop
+from tlcm.core.checkpoints import Checkpointer
+from tlcm.core.storage import ArtifactError, atomic_dir, load_tensors, save_tensors
+from tlcm.core.training import NonFiniteLoss, ensure_finite, run_loop
 
 pytestmark = pytest.mark.math
 

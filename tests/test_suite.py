@@ -23,9 +23,9 @@ from conftest import REPO, run_cli
 from models.clip_image import ImageTransform
 from models.scorers import (IMAGEREWARD_MEAN, IMAGEREWARD_STD, AestheticMLP, clip_score, imagereward_state_dicts,
                             uint8_to_unit)
-from tlcm.params import Source, load_params
-from tlcm.paths import Paths
-from tlcm.storage import ArtifactError
+from tlcm.core.params import Source, load_params
+from tlcm.core.paths import Paths
+from tlcm.core.storage import ArtifactError
 
 WORDS = ["a", "red", "blue", "cat", "dog", "on", "the", "mat", "photo", "of", "green", "tree"]
 PROMPTS = ["a photo of a red cat", "a blue dog on the mat", "a green tree", "the cat on a mat"]
@@ -65,7 +65,7 @@ def test_prompt_files_in_all_three_formats(tmp_path, params):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tlcm.prompt_sources import read_prompts
+    from tlcm.loaders.prompt_sources import read_prompts
 
     txt = tmp_path / "p.txt"
     txt.write_text("  a red cat \n\n a blue dog\n   \nthe mat\n")
@@ -83,7 +83,7 @@ def test_prompt_files_in_all_three_formats(tmp_path, params):
 
 def test_world_prompts_are_the_world_train_captions(tmp_path, params):
     from tasks import world
-    from tlcm.prompt_sources import read_prompts
+    from tlcm.loaders.prompt_sources import read_prompts
 
     paths = Paths(tmp_path)
     with pytest.raises(ArtifactError, match="tlcm stage world"):
@@ -100,7 +100,7 @@ def test_prompt_file_errors_name_the_file_and_what_to_put(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tlcm.prompt_sources import read_caption_file
+    from tlcm.loaders.prompt_sources import read_caption_file
 
     with pytest.raises(ArtifactError, match=r"prompt file not found: .*nope\.txt.*one caption per line"):
         read_caption_file(tmp_path / "nope.txt")
@@ -138,7 +138,7 @@ def write_coco_captions(path: Path, n_images: int = 10) -> dict[str, set[str]]:
 
 @pytest.mark.math
 def test_coco_captions_one_per_image_deterministic_prefix_stable(tmp_path):
-    from tlcm.prompt_sources import read_coco_captions
+    from tlcm.loaders.prompt_sources import read_coco_captions
 
     truth = write_coco_captions(tmp_path / "captions_val2017.json")
     f = tmp_path / "captions_val2017.json"
@@ -162,7 +162,7 @@ def clip_dir(tmp_path_factory) -> Path:
     from transformers import CLIPConfig, CLIPModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from tlcm.tokenizer import write_tokenizer
+    from tlcm.shapes.tokenizer import write_tokenizer
 
     d = tmp_path_factory.mktemp("clip")
     tok = write_tokenizer(WORDS, d, max_length=16)
@@ -295,7 +295,7 @@ def test_preprocessing_matches_clip_image_processor():
 def test_clip_scorer_end_to_end(clip_dir):
     from transformers import CLIPModel
 
-    from tlcm.suite_io import load_clip_scorer
+    from tlcm.loaders.suite_io import load_clip_scorer
 
     scorer, tok = load_clip_scorer(str(clip_dir))
     assert scorer.image.transform == ImageTransform(32)  # OpenAI mean/std read from preprocessor_config.json
@@ -321,7 +321,7 @@ def test_clip_scorer_end_to_end(clip_dir):
 def test_aesthetic_scorer_end_to_end(clip_dir, aesthetic_head):
     from transformers import CLIPModel
 
-    from tlcm.suite_io import load_aesthetic_scorer
+    from tlcm.loaders.suite_io import load_aesthetic_scorer
 
     scorer = load_aesthetic_scorer(str(clip_dir), str(aesthetic_head))
     images = random_images(3, 36, 30, seed=1)
@@ -342,7 +342,7 @@ def test_aesthetic_scorer_end_to_end(clip_dir, aesthetic_head):
 
 @pytest.mark.math
 def test_aesthetic_loader_errors(tmp_path, clip_dir, aesthetic_head):
-    from tlcm.suite_io import load_aesthetic_scorer
+    from tlcm.loaders.suite_io import load_aesthetic_scorer
 
     with pytest.raises(ArtifactError, match=r"suite\.aesthetic_head: .*missing\.pth.*improved-aesthetic-predictor"):
         load_aesthetic_scorer(str(clip_dir), str(tmp_path / "missing.pth"))
@@ -354,7 +354,7 @@ def test_aesthetic_loader_errors(tmp_path, clip_dir, aesthetic_head):
 
 
 def test_image_reward_maps_the_released_layout_and_scores(image_reward_dir):
-    from tlcm.suite_io import load_image_reward
+    from tlcm.loaders.suite_io import load_image_reward
 
     net, tok = load_image_reward(str(image_reward_dir), head_dim=16)
     sd = torch.load(image_reward_dir / "ImageReward.pt", weights_only=True)
@@ -386,7 +386,7 @@ def test_image_reward_maps_the_released_layout_and_scores(image_reward_dir):
 
 @pytest.mark.math
 def test_image_reward_loader_errors(tmp_path, image_reward_dir):
-    from tlcm.suite_io import load_image_reward
+    from tlcm.loaders.suite_io import load_image_reward
 
     with pytest.raises(ArtifactError, match=r"suite\.image_reward: .*ImageReward\.pt' not found.*hf download THUDM/ImageReward"):
         load_image_reward(str(tmp_path))
@@ -411,7 +411,7 @@ def test_image_reward_loader_errors(tmp_path, image_reward_dir):
 def test_hub_ids_resolve_from_the_cache_only(tmp_path, clip_dir, monkeypatch):
     import huggingface_hub.constants
 
-    from tlcm.suite_io import load_clip_scorer
+    from tlcm.loaders.suite_io import load_clip_scorer
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(ArtifactError, match=r"hub id 'someone/clip' is not in the Hugging Face cache.*hf download someone/clip"):
@@ -455,7 +455,7 @@ def coco_fixture(root: Path, n: int, seed: int) -> tuple[Path, Path, np.ndarray]
 
 @pytest.mark.math
 def test_inception_loader(tmp_path):
-    from tlcm.suite_io import INCEPTION_URL, load_inception
+    from tlcm.loaders.suite_io import INCEPTION_URL, load_inception
 
     with pytest.raises(ArtifactError, match=f"not found: .*inception.pt'; download {INCEPTION_URL}"):
         load_inception(str(tmp_path / "inception.pt"))
@@ -471,7 +471,7 @@ def test_inception_loader(tmp_path):
 
 def test_run_suite_all_metrics_and_fid_by_hand(tmp_path, params, clip_dir, aesthetic_head, image_reward_dir, monkeypatch):
     from tasks.suite import ImageSet, run_suite, suite_pairs, suite_prompts
-    from tlcm import suite_io
+    from tlcm.loaders import suite_io
 
     n = 12
     captions, images, colours = coco_fixture(tmp_path / "coco", n, seed=0)
@@ -545,7 +545,7 @@ def test_run_suite_checks_its_rows(tmp_path, params):
 
 @pytest.mark.math
 def test_preflight_passes_on_the_embedded_default(params):
-    from tlcm.preflight import check_assets
+    from tools.preflight import check_assets
 
     assert check_assets(params) == [] and check_assets(load_params(REPO / "params.yaml")) == []
 
@@ -554,7 +554,7 @@ def test_preflight_passes_on_the_embedded_default(params):
 def test_preflight_names_every_missing_asset(tmp_path, params, monkeypatch):
     import huggingface_hub.constants
 
-    from tlcm.preflight import check_assets, require_assets
+    from tools.preflight import check_assets, require_assets
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
     p = params.model_copy(update={
@@ -596,7 +596,7 @@ def test_preflight_accepts_a_converted_mps_folder_and_names_a_missing_or_untrust
     file, so that folder was reported missing and `tlcm run --preset sdxl` stopped)."""
     from safetensors.torch import save_file
 
-    from tlcm.preflight import check_assets
+    from tools.preflight import check_assets
 
     def with_reward(source):
         return params.model_copy(update={"reward": params.reward.model_copy(update={"source": Source(location=source)})})

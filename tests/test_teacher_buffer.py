@@ -29,7 +29,7 @@ def test_every_t_is_a_pair_start_for_exactly_one_offset():
 
 @pytest.fixture(scope="module")
 def tiny(smoke_params):
-    from tlcm.rig import tiny_networks
+    from tools.rig import tiny_networks
 
     return tiny_networks(smoke_params)
 
@@ -78,7 +78,7 @@ def test_buffered_mlcd_resumes_exactly(smoke_artifacts, smoke_params, tmp_path_f
     from safetensors.torch import load_file
 
     from tasks.registry import run_stage
-    from tlcm.paths import Paths
+    from tlcm.core.paths import Paths
 
     roots = []
     for name in ("buffer_once", "buffer_resumed"):

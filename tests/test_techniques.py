@@ -64,7 +64,7 @@ def test_gan_losses_golden():
 def test_encoder_features_equal_the_unets_own_mid_block(smoke_artifacts):
     """The discriminator's encoder is exactly the first half of UNet2DConditionModel.forward."""
     from models.denoiser import encode_prompts
-    from tlcm.teacher_io import load_teacher
+    from tlcm.loaders.teacher_io import load_teacher
 
     pipe = load_teacher(smoke_artifacts.teacher)
     unet = pipe.unet
@@ -137,7 +137,7 @@ def test_bf16_frozen_teacher_with_checkpointing_trains_float32_loras(student_cha
     """The sdxl memory plan (bf16 frozen weights, autocast, gradient checkpointing) on the small teacher:
     mlcd and dmgan train, losses stay finite, the saved LoRAs are float32."""
     from tasks import dmgan, mlcd
-    from tlcm.paths import Paths
+    from tlcm.core.paths import Paths
 
     paths = Paths(tmp_path)
     for d in ("world", "teacher", "latent_lpips", "lora_ilcd"):

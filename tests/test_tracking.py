@@ -11,10 +11,10 @@ import torch
 from conftest import REPO
 from servers import S3_KEY, S3_SECRET, SeaweedS3, fake_outputs, free_port
 
-from tlcm import mlflow_store as store
-from tlcm import store_preflight, tracking
-from tlcm.params import load_params
-from tlcm.paths import Paths
+from tlcm.tracking import mlflow_store as store
+from tlcm.tracking import store_preflight, runs as tracking
+from tlcm.core.params import load_params
+from tlcm.core.paths import Paths
 
 
 @pytest.fixture()
@@ -30,8 +30,8 @@ def mlflow_store(tmp_path, monkeypatch):
 
 def test_plain_stage_calls_do_not_touch_mlflow(tmp_path, monkeypatch):
     """Library calls of run_stage (what the other tests do) import no MLflow and write no store."""
-    code = ("import sys; from tasks.registry import run_stage; from tlcm.params import load_params; "
-            "from tlcm.paths import Paths; from pathlib import Path; "
+    code = ("import sys; from tasks.registry import run_stage; from tlcm.core.params import load_params; "
+            "from tlcm.core.paths import Paths; from pathlib import Path; "
             f"run_stage('world', load_params({str(REPO / 'params.yaml')!r}, 'smoke'), Paths(Path('art'))); "
             "assert 'mlflow' not in sys.modules, 'mlflow imported'")
     env = {k: v for k, v in os.environ.items() if k not in ("TLCM_TRACKING", "MLFLOW_TRACKING_URI")}
@@ -43,8 +43,8 @@ def test_plain_stage_calls_do_not_touch_mlflow(tmp_path, monkeypatch):
 
 
 def test_pipeline_run_nests_stage_runs_with_params_losses_and_metrics(mlflow_store, tmp_path, smoke_params):
-    from tlcm.checkpoints import Checkpointer
-    from tlcm.training import run_loop
+    from tlcm.core.checkpoints import Checkpointer
+    from tlcm.core.training import run_loop
 
     paths = Paths(tmp_path / "art")
     w = torch.nn.Parameter(torch.ones(3))
@@ -172,9 +172,9 @@ def test_retry_condition_skips_permanent_errors():
     from prefect.states import Failed
 
     from flows.tlcm import is_transient
-    from tlcm.params import ParamsError
-    from tlcm.storage import ArtifactError
-    from tlcm.training import NonFiniteLoss
+    from tlcm.core.params import ParamsError
+    from tlcm.core.storage import ArtifactError
+    from tlcm.core.training import NonFiniteLoss
 
     for e in (ParamsError("bad key"), ArtifactError("missing"), NonFiniteLoss("nan"), store.TrackingError("s3")):
         assert is_transient(None, None, Failed(data=e)) is False, e
@@ -186,7 +186,7 @@ def test_cache_key_follows_inputs_and_outputs(tmp_path, monkeypatch):
     """Same identity + intact outputs -> same key (a cache hit); changed params or deleted outputs -> new key."""
     from flows import caching
     from tasks.registry import run_stage
-    from tlcm.identity import stage_identity
+    from tlcm.core.identity import stage_identity
 
     monkeypatch.setenv("TLCM_TRACKING", "0")
     params = load_params(REPO / "params.yaml", "smoke")
@@ -284,7 +284,7 @@ def test_flow_has_one_retrying_task_per_stage_calling_run_stage(tmp_path, monkey
 
     from flows import caching
     from flows.tlcm import STAGE_TASKS, is_transient, tlcm
-    from tlcm.stages import NAMES as STAGES
+    from tlcm.core.stages import NAMES as STAGES
 
     assert tlcm.name == "tlcm" and list(STAGE_TASKS) == list(STAGES) and STAGES[-1] == "register"
     for name, t in STAGE_TASKS.items():

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tlcm import render as R
-from tlcm import world as W
+from tlcm.shapes import render as R
+from tlcm.shapes import world as W
 
 pytestmark = pytest.mark.math
 
@@ -48,7 +48,7 @@ def test_render_puts_colour_where_the_caption_says():
 
 
 def test_every_grammar_word_is_one_token(tmp_path):
-    from tlcm.tokenizer import write_tokenizer
+    from tlcm.shapes.tokenizer import write_tokenizer
 
     tok = write_tokenizer(W.words(), tmp_path / "a", 24)
     tok2 = write_tokenizer(W.words(), tmp_path / "b", 24)

@@ -18,7 +18,7 @@ networks and math: tokenizers are passed in, nothing here reads or writes files.
 - :mod:`models.reward.scorer`: the interface (:class:`RewardScorer`, the conditions, tokenising);
 - :mod:`models.reward.shapes`: the shapes-world network;
 - :mod:`models.reward.losses`: its training losses, the image degradations of the detail pairs, accuracy;
-- :mod:`models.reward.mps`: the MPS network (loading and converting a release: :mod:`tlcm.reward_io`).
+- :mod:`models.reward.mps`: the MPS network (loading and converting a release: :mod:`tlcm.loaders.reward_io`).
 """
 from models.clip_image import clip_preprocess
 from models.reward.losses import (DEGRADATIONS, bradley_terry_loss, centering_loss, degrade, gaussian_blur,

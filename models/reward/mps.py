@@ -1,7 +1,7 @@
 """MPS (Kwai-Kolors, CVPR 2024) as a network: a HF ``CLIPModel`` plus the cross-attention
 ``cross_model``, with the condition mask. Module names match the released pickled module
 (``model.*``, ``cross_model.layers.*``), so its state dict loads without unpickling
-(:mod:`tlcm.reward_io`). Pixels are preprocessed as CLIP's image processor does (:mod:`models.clip_image`)."""
+(:mod:`tlcm.loaders.reward_io`). Pixels are preprocessed as CLIP's image processor does (:mod:`models.clip_image`)."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,0 +1,1 @@
+"""Commands around the pipeline that run stages' code outside it: `tlcm plan`, `tlcm check-gpu` and its rigs, `tlcm export`, the preflight of `tlcm run`; imports tasks, tlcm and models; only flows imports it."""
