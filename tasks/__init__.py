@@ -2,7 +2,8 @@
 :mod:`tlcm.core.stages` declares (the one list of stages, in pipeline order); DVC (``tlcm stage``), ``tlcm run``
 and the Prefect tasks all call it through :func:`tasks.registry.run_stage`.
 
-Besides the stage modules, the package holds what stages share and nothing in :mod:`tlcm` may import:
+Besides the stage modules, the package holds what stages share (``tlcm`` never imports ``tasks``;
+``tools`` and ``flows`` do):
 ``registry`` (running a stage: lock, identity, records), ``distill`` (the loop of ``lcm_baseline``,
 ``mlcd`` and ``ilcd``), ``finetune`` (the student set-up of ``mps`` and ``dmgan``), and the parts of
 ``evaluate``: ``benchmark_sampling`` (the reference, baseline and student rows, sampled), ``benchmark_scores``

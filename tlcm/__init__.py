@@ -1,1 +1,1 @@
-"""TLCM pipeline infrastructure: params, storage, training loop, CLI (the math and networks live in ``models``)."""
+"""The library under the stages, by role: core, loaders, shapes, tracking, report (math and networks: ``models``)."""

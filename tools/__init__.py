@@ -1,1 +1,1 @@
-"""Commands around the pipeline that run stages' code outside it: `tlcm plan`, `tlcm check-gpu` and its rigs, `tlcm export`, the preflight of `tlcm run`; imports tasks, tlcm and models; only flows imports it."""
+"""Commands that run stage code outside the pipeline: `tlcm plan`, `tlcm check-gpu`, `tlcm export`, the preflight."""

@@ -1,1 +1,1 @@
-"""The core every stage stands on: params, paths, atomic storage, the training loop, processes, checkpoints, locks, seeds, the stage list and a stage's identity; imports nothing else of the project."""
+"""What every stage stands on: stage list, identity, params, paths, storage, training loop, processes, checkpoints."""

@@ -1,1 +1,1 @@
-"""Loading (and writing) what stages read: the teacher, the LoRA, reward models, the suite's assets, prompts, hub ids, BAPPS, the world's prompt sets; imports tlcm.core (and tlcm.tracking for a models:/ LoRA)."""
+"""Loading what stages read: teacher, LoRA, reward models, suite assets, prompts, hub ids, BAPPS, world prompts."""

@@ -1,1 +1,1 @@
-"""What users look at: the benchmark's markdown tables and labelled sample grids; imports tlcm.core."""
+"""What users look at: the benchmark's markdown tables and labelled sample grids."""

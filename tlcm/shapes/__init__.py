@@ -1,1 +1,1 @@
-"""The synthetic shapes world: scenes and captions, the renderer, the tokenizer, the synthetic BAPPS; imports tlcm.core and tlcm.loaders."""
+"""The synthetic shapes world: scenes and captions, the renderer, the tokenizer, the synthetic BAPPS."""

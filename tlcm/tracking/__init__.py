@@ -1,1 +1,1 @@
-"""Records: MLflow runs and loss history, the store and its check before work, the registry, the shipped LoRA as an MLflow model; imports tlcm.core and tlcm.loaders."""
+"""Records: MLflow runs and loss history, the store and its check, the registry, the LoRA as an MLflow model."""
