@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 def frechet_distance(net, real: np.ndarray, fake: np.ndarray) -> float:
     extractor = FeatureExtractor(net)
     extractor.num_features = net.proj[1].out_features
-    fid = FrechetInceptionDistance(feature=extractor, normalize=False)
+    # sync_on_compute=False: the distance of the images given here; torchmetrics would otherwise all-gather across
+    # the process group, which hangs when only the main process of a multi-process stage evaluates (final_eval)
+    fid = FrechetInceptionDistance(feature=extractor, normalize=False, sync_on_compute=False)
     to_t = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
     fid.update(to_t(real), real=True)
     fid.update(to_t(fake), real=False)
