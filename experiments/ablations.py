@@ -1,15 +1,20 @@
 """The paper's ablations (Table 2 and Table 3) as DVC experiments on the shapes world, at 4 steps.
 
-    python experiments/ablations.py run      # queue + run every row with `dvc exp run` (tracked in MLflow)
-    python experiments/ablations.py table    # collect `dvc exp show --json` into experiments/ablations.md
+    python experiments/ablations.py run      # every row: one `dvc exp run <stage> -S ...` from the baseline
+    python experiments/ablations.py table    # experiments/ablations.md from the rows' recorded numbers
     python experiments/ablations.py show     # print the commands only
 
-Each row is one `dvc exp run <stage> -S ...`: DVC reruns that stage (and whatever upstream changed), so a
-stage-1 row retrains `mlcd` only, a stage-2 row `ilcd` only. The row's number is the stage's own end-of-
-training evaluation (`final_eval` in `artifacts/metrics/<stage>.json`: alignment and Fréchet distance of
-the student at 4 steps on held-out prompts, judged by the evaluator), so rows are comparable with each
-other; the benchmark table (`tlcm stage evaluate`) is the reference for the shipped LoRA.
-Run from a git checkout where `dvc repro` has run once (the rows share its upstream artifacts).
+Run from the root of a git checkout where `dvc repro` has run once and whose `dvc.lock` is committed (the rows
+share its upstream artifacts; with `TLCM_TRACKING` on, each row's stage run is an MLflow run as usual).
+Each row is one `dvc exp run <stage> -S ...` (named ``abl-<row>``, so `dvc exp show` lists its params) started
+from the baseline: before a row the workspace's params.yaml and dvc.lock are restored from git and `dvc checkout`
+restores the outputs, because a workspace `dvc exp run` applies its result to the workspace and the next row would
+otherwise inherit the previous row's overrides. A stage-1 row retrains `mlcd` only, a stage-2 row `ilcd` only.
+The row's number is the stage's own end-of-training evaluation (`final_eval` in `artifacts/metrics/<stage>.json`:
+alignment ± s.e. and Fréchet distance at 4 steps on held-out prompts, judged by the evaluator), read right after
+the row and kept in `experiments/ablations.json` (the metrics files live under the git-ignored artifacts folder, so
+the experiment commits do not carry them). The benchmark (`tlcm stage evaluate`) is the reference for the shipped
+LoRA.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-OUT = Path(__file__).with_name("ablations.md")
+OUT, NUMBERS = Path("experiments/ablations.md"), Path("experiments/ablations.json")  # in the checkout run from
 
 
 @dataclass(frozen=True)
@@ -66,34 +71,28 @@ def unique_rows() -> list[Row]:
     return out
 
 
+def reset_to_baseline() -> None:
+    """params.yaml and dvc.lock as committed, and the outputs they name (from the DVC cache)."""
+    subprocess.run(["git", "checkout", "--", "params.yaml", "dvc.lock"], check=True)
+    if subprocess.run(["dvc", "checkout", "--force", "--quiet"]).returncode:  # outputs of stages never run: absent
+        print("dvc checkout: some outputs are not in the cache; `dvc exp run` rebuilds those the row needs", flush=True)
+
+
 def run() -> None:
+    numbers = json.loads(NUMBERS.read_text()) if NUMBERS.is_file() else {}
     for row in unique_rows():
+        reset_to_baseline()
         print("$", " ".join(command(row)), flush=True)
         subprocess.run(command(row), check=True)
-
-
-def _exp_metrics() -> dict[str, dict]:
-    """{experiment name: {metrics file: metrics}} from `dvc exp show --json`."""
-    data = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True,
-                                     check=True).stdout)
-    out: dict[str, dict] = {}
-    for commit in data:
-        for exp in commit.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                d = rev.get("data") or {}
-                name = rev.get("name") or d.get("name")
-                if name and d.get("metrics"):
-                    out[name] = {f: (m or {}).get("data", {}) for f, m in d["metrics"].items()}
-    return out
-
-
-def _final(metrics: dict, stage: str) -> dict:
-    m = metrics.get(f"artifacts/metrics/{stage}.json", {})
-    return m.get("final_eval") or {}
+        m = json.loads(Path(f"artifacts/metrics/{row.stage}.json").read_text())
+        numbers[f"abl-{row.name}"] = {"command": " ".join(command(row)), "final_eval": m.get("final_eval") or {}}
+        NUMBERS.parent.mkdir(parents=True, exist_ok=True)
+        NUMBERS.write_text(json.dumps(numbers, indent=1))
+    reset_to_baseline()
 
 
 def table() -> str:
-    exps = _exp_metrics()
+    numbers = json.loads(NUMBERS.read_text()) if NUMBERS.is_file() else {}
     lines = ["# The paper's ablations on the shapes world (4 steps)", "",
              "Produced by `python experiments/ablations.py run` then `table` (one `dvc exp run` per row; the command "
              "of each row is in the last column). Ours: alignment (± s.e.) and Fréchet distance of the student at 4 "
@@ -104,7 +103,7 @@ def table() -> str:
                   "|---|---|---|---|---|---|"]
         for r in rows:
             key = next((f"abl-{x.name}" for x in unique_rows() if (x.stage, x.overrides) == (r.stage, r.overrides)), "")
-            f = _final(exps.get(key, {}), r.stage)
+            f = numbers.get(key, {}).get("final_eval", {})
             a, se, fr = f.get("alignment_4step"), f.get("alignment_4step_se"), f.get("frechet_4step")
             cell = lambda v, fmt: "–" if v is None else format(v, fmt)  # noqa: E731
             lines.append(f"| {r.paper} | {r.paper_numbers} | {cell(a, '.3f')} | {cell(se, '.3f')} | {cell(fr, '.1f')} | "
