@@ -5,7 +5,9 @@ and the Prefect tasks all call it through :func:`tasks.registry.run_stage`.
 Besides the stage modules, the package holds what stages share (``tlcm`` never imports ``tasks``;
 ``tools`` and ``flows`` do):
 ``registry`` (running a stage: lock, identity, records), ``distill`` (the loop of ``lcm_baseline``,
-``mlcd`` and ``ilcd``), ``finetune`` (the student set-up of ``mps`` and ``dmgan``), and the parts of
+``mlcd`` and ``ilcd``, and the student set-up of every LoRA stage), ``teacher_buffer`` (MLCD's teacher
+trajectories made ahead), ``finetune`` (what ``mps`` and ``dmgan`` share: the Eq. 9 batch, pass-through, save),
+``student_eval`` (the LoRA stages' quick and final evaluations), and the parts of
 ``evaluate``: ``benchmark_sampling`` (the reference, baseline and student rows, sampled), ``benchmark_scores``
 (the judge's columns), ``generate`` (sampling; also ``tlcm generate``), ``suite`` (the Table 1 metrics) and
 ``applications`` (img2img, inpainting and ControlNet rows).
