@@ -38,7 +38,8 @@ SYMMETRY = {"square": 90.0, "cross": 90.0, "triangle": 120.0, "circle": 0.0}  # 
 NUISANCE_SPACES: dict[str, int] = {  # unspoken labels the evaluator also learns (features, never alignment)
     "a_rot": 2, "b_rot": 2, "bg_texture": len(TEXTURES), "distractors": MAX_DISTRACTORS + 1,
 }
-_RADIUS = {"small": (4.0, 5.0), "large": (7.5, 9.5), "medium": (5.2, 6.4)}
+_RADIUS = {"small": (5.5, 6.5), "large": (8.5, 10.5), "medium": (5.8, 6.8)}  # ≥ 5.5 px: a shape spans ≥ 3 latent
+# pixels, so its two orientations survive the autoencoder (at 4-5 px its round trips judged shape 0.949)
 _REGION = {  # single-object centre ranges (x, y) in canvas units per spoken position; disjoint after the
     "left": ((0.12, 0.32), (0.38, 0.62)), "right": ((0.68, 0.88), (0.38, 0.62)),  # radius clip, so the
     "top": ((0.38, 0.62), (0.12, 0.32)), "bottom": ((0.38, 0.62), (0.68, 0.88)),  # position is never
@@ -69,7 +70,7 @@ def scene_params(spec: Spec, rng: np.random.Generator, size: int) -> dict:
     else:
         first, second = spec.objects
         a, b = (first, second) if spec.relation in ("left of", "above") else (second, first)
-        along = (rng.uniform(0.16, 0.36), rng.uniform(0.64, 0.84))  # along the relation: ≥ 0.28 apart
+        along = (rng.uniform(0.12, 0.30), rng.uniform(0.70, 0.88))  # along the relation: ≥ 0.4 apart
         mid = rng.uniform(0.32, 0.68)
         across = mid + rng.uniform(-0.1, 0.1, 2)  # across it: < 0.2 apart, so the relation is never ambiguous
         horizontal = spec.relation in ("left of", "right of")
